@@ -1,0 +1,38 @@
+"""sfpk-jax: SFPK pruning (interacting mask particles) for any Flax model."""
+
+from sfpk_jax.config import SFPKConfig, spode_config
+from sfpk_jax.masks import (
+    MaskLayout,
+    apply_masks,
+    count_prunable,
+    density,
+    ones_like_masks,
+)
+from sfpk_jax.simulation import (
+    SFPKResult,
+    SFPKState,
+    StepTrace,
+    make_stepper,
+    sfpk_prune,
+    sfpk_update,
+    spode_prune,
+)
+
+__all__ = [
+    "MaskLayout",
+    "SFPKConfig",
+    "SFPKResult",
+    "SFPKState",
+    "StepTrace",
+    "apply_masks",
+    "count_prunable",
+    "density",
+    "make_stepper",
+    "ones_like_masks",
+    "sfpk_prune",
+    "sfpk_update",
+    "spode_config",
+    "spode_prune",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,124 @@
+"""Hyper-parameters of the SFPK simulation, with the spec's defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+SCHEDULES = ("exp", "lin", "ada_exp", "ada_lin")
+SPARSITY_FNS = ("l2", "l1")
+POLARIZERS = ("onehot", "onehot_soft", "identity", "quantile_sigmoid", "gauss_sigmoid")
+REPULSION_MODES = ("exp", "cos")
+VOTE_MODES = ("soft", "hard")
+SCORES = ("mp", "m")
+SCOPES = ("global", "local")
+PARTICLE_MODES = ("loop", "vmap", "map")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFPKConfig:
+    """Every knob of the spec (``docs/sfpk-algorithm.md``), defaults as there.
+
+    Attributes:
+      steps: K, the number of simulation steps (100 on CIFAR, 150 on ImageNet).
+      particles: n, the number of mask particles.
+      repulsion: lambda, weight of the interaction energy K (0 disables it).
+      radius: r >= 1, the localization radius of each step.
+      schedule: step sizes ``exp`` (geometric density path), ``lin``, or the
+        adaptive ``ada_exp`` / ``ada_lin`` that re-plan from the current G.
+      sparsity_fn: the sparsity functional G, ``l2`` or ``l1``.
+      polarizer: how the energy's gradient point is obtained from a particle:
+        ``onehot`` (hard, straight-through at the binarised mask),
+        ``onehot_soft``, ``identity``, ``quantile_sigmoid``, ``gauss_sigmoid``.
+      polarizer_eps: sigmoid polarizers map their band onto
+        [logit(1 - eps), logit(eps)].
+      polarizer_ratio: sigmoid polarizers' lower band edge, as a fraction of
+        the quantile 1 - G.
+      repulsion_mode: ``exp`` (Gaussian kernel) or ``cos`` similarity.
+      repulsion_weighted: weight the repulsion by |theta| (True) or by 1.
+      vote_mode: ``soft`` (average scores) or ``hard`` (each particle votes
+        with its own top entries).
+      vote_ratio: fraction v of the lowest-energy particles that vote (1: all).
+      momentum: mu, weight of the previous scores in the running vote.
+      score: ``mp`` scores |m * theta|, ``m`` scores |m|.
+      scope: ``global`` (one density over all prunable entries) or ``local``
+        (every layer is pruned to the target density on its own).
+      particle_mode: how particles go through the model: ``loop`` (one jitted
+        call per particle, dispatched asynchronously), ``vmap`` (all at once)
+        or ``map`` (``lax.map`` in chunks of ``particle_chunk``).
+      particle_chunk: particles per chunk in ``map`` mode (bounds memory).
+      early_stop: stop once the particles' mean G reaches the target density.
+      progress: show a progress bar over the steps.
+    """
+
+    steps: int = 100
+    particles: int = 10
+    repulsion: float = 0.2
+    radius: float = 1.1
+    schedule: str = "exp"
+    sparsity_fn: str = "l2"
+    polarizer: str = "onehot"
+    polarizer_eps: float = 0.9
+    polarizer_ratio: float = 0.9
+    repulsion_mode: str = "exp"
+    repulsion_weighted: bool = True
+    vote_mode: str = "soft"
+    vote_ratio: float = 1.0
+    momentum: float = 0.1
+    score: str = "mp"
+    scope: str = "global"
+    particle_mode: str = "loop"
+    particle_chunk: int = 1
+    early_stop: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        choices = {
+            "schedule": SCHEDULES,
+            "sparsity_fn": SPARSITY_FNS,
+            "polarizer": POLARIZERS,
+            "repulsion_mode": REPULSION_MODES,
+            "vote_mode": VOTE_MODES,
+            "score": SCORES,
+            "scope": SCOPES,
+            "particle_mode": PARTICLE_MODES,
+        }
+        for name, allowed in choices.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise ValueError(f"SFPKConfig.{name}={value!r} is not one of {allowed}")
+        for name in ("steps", "particles", "particle_chunk"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SFPKConfig.{name}={value!r} must be an integer >= 1")
+        _check_real(self.radius, "radius", lo=1.0, lo_open=False, what="r >= 1")
+        _check_real(self.repulsion, "repulsion", lo=0.0, lo_open=False, what=">= 0")
+        _check_real(self.momentum, "momentum", lo=0.0, lo_open=False, what=">= 0")
+        _check_real(self.vote_ratio, "vote_ratio", lo=0.0, hi=1.0, what="in (0, 1]")
+        _check_real(self.polarizer_eps, "polarizer_eps", lo=0.5, hi=1.0, hi_open=True,
+                    what="in (0.5, 1)")
+        _check_real(self.polarizer_ratio, "polarizer_ratio", lo=0.0, hi=1.0,
+                    hi_open=True, what="in (0, 1)")
+
+    @property
+    def voters(self) -> int:
+        """ceil(v * n): how many of the lowest-energy particles vote."""
+        return max(1, math.ceil(self.vote_ratio * self.particles - 1e-9))
+
+    def replace(self, **changes) -> "SFPKConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _check_real(value, name, *, lo=None, hi=None, lo_open=True, hi_open=False, what=""):
+    bad = isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+    if not bad and lo is not None:
+        bad = value <= lo if lo_open else value < lo
+    if not bad and hi is not None:
+        bad = value >= hi if hi_open else value > hi
+    if bad:
+        raise ValueError(f"SFPKConfig.{name}={value!r} must be a finite number {what}")
+
+
+def spode_config(**changes) -> SFPKConfig:
+    """SpODE (Mo et al., ICML 2023): SFPK with one particle and no repulsion."""
+    return SFPKConfig(**{"particles": 1, "repulsion": 0.0, **changes})

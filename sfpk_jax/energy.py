@@ -1,0 +1,71 @@
+"""The polarized energy E(m) and its gradient, for one particle or all of them.
+
+E(m) = loss of the model with weights theta * P(m) on the particle's own
+mini-batch; grad E is taken through the polarizer P (straight-through for the
+default one-hot). Particles go through the model all at once (``vmap``), in
+chunks (``map``), or one jitted call each (``loop``, driven by the simulation):
+vmapping different masks through a convolution turns it into a grouped
+convolution, which is much slower than a loop on some backends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+
+from sfpk_jax.config import SFPKConfig
+from sfpk_jax.masks import MaskLayout
+from sfpk_jax.polarizers import polarize
+
+EnergyFn = Callable[[Any, list, Any], tuple[jax.Array, list]]
+
+
+def make_energy_fn(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    layout: MaskLayout,
+    config: SFPKConfig,
+) -> EnergyFn:
+    """``(params, mask leaves, batch) -> (E, grad E)`` for a single particle.
+
+    Args:
+      loss_fn: ``loss_fn(params, batch) -> scalar``, pure.
+      layout: where the prunable leaves are.
+      config: polarizer, sparsity functional and scope.
+
+    Returns:
+      A function of the parameters theta (held fixed: no gradient is taken
+      with respect to them), one particle's mask leaves and its batch.
+    """
+
+    def energy(mask, params, batch):
+        theta = layout.gather(params)
+        point = polarize(
+            config.polarizer,
+            mask,
+            theta,
+            kind=config.sparsity_fn,
+            scope=config.scope,
+            eps=config.polarizer_eps,
+            ratio=config.polarizer_ratio,
+        )
+        masked = layout.replace(params, [t * p for t, p in zip(theta, point)])
+        return loss_fn(masked, batch)
+
+    grad_fn = jax.value_and_grad(energy)
+    return lambda params, mask, batch: grad_fn(list(mask), params, batch)
+
+
+def all_particles(energy_fn: EnergyFn, mode: str, chunk: int) -> EnergyFn:
+    """E and grad E for every particle at once (``vmap`` or chunked ``map``).
+
+    Particle i uses slice i of every batch leaf; params are shared.
+    """
+    if mode == "vmap":
+        return jax.vmap(energy_fn, in_axes=(None, 0, 0))
+    if mode == "map":
+        return lambda params, particles, batch: jax.lax.map(
+            lambda xs: energy_fn(params, *xs), (particles, batch), batch_size=chunk
+        )
+    raise ValueError(f"particle mode {mode!r} is not traceable; 'loop' is driven by the caller")

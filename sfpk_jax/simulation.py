@@ -1,0 +1,365 @@
+"""The SFPK simulation: n mask particles carried from density 1 to the target.
+
+One step, for every particle i at once (spec, "One SFPK step"):
+  g = -grad G(m_i); e = -grad E(m_i) - lambda grad K(m_i);
+  delta_i = x e + y g (closed form, radius r); m_i <- m_i + dt_t delta_i;
+then the lowest-energy particles vote into the running scores. The final mask
+keeps the top (1 - sparsity) fraction of the scores.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sfpk_jax import direction as direction_lib
+from sfpk_jax import energy as energy_lib
+from sfpk_jax import repulsion as repulsion_lib
+from sfpk_jax import schedules
+from sfpk_jax import sparsity as sparsity_lib
+from sfpk_jax import thresholds
+from sfpk_jax import voting
+from sfpk_jax.config import SFPKConfig
+from sfpk_jax.masks import MaskLayout, Prunable, path_to_str
+
+TRACE_FIELDS = ("sparsity", "energy", "repulsion", "dt")
+
+
+class SFPKState(NamedTuple):
+    """Everything the simulation carries from one step to the next.
+
+    Attributes:
+      particles: one array per prunable leaf, leading axis n.
+      scores: the running vote S, one array per prunable leaf.
+      step: index of the next step (int32 scalar).
+      start: the density the run started from (scalar, or (L,) in local scope).
+    """
+
+    particles: list
+    scores: list
+    step: jax.Array
+    start: jax.Array
+
+
+class StepTrace(NamedTuple):
+    """Per-particle record of one step, each of shape (n,).
+
+    ``sparsity`` is G before the update (the mean over layers in local scope),
+    ``energy`` E before the update, ``repulsion`` K, ``dt`` the step size (mean
+    over layers in local scope).
+    """
+
+    sparsity: jax.Array
+    energy: jax.Array
+    repulsion: jax.Array
+    dt: jax.Array
+
+
+class SFPKResult(NamedTuple):
+    """What :func:`sfpk_prune` returns.
+
+    Attributes:
+      masks: 0/1 float32 masks, a tree mirroring params (None where not pruned).
+      scores: the final vote S, same structure as ``masks``.
+      particles: the continuous particles, same structure, leading axis n.
+      trace: dict of numpy arrays of shape (steps run, n) with keys
+        ``sparsity``, ``energy``, ``repulsion``, ``dt``.
+    """
+
+    masks: Any
+    scores: Any
+    particles: Any
+    trace: dict
+
+
+def _per_particle(fn, *args):
+    """vmaps ``fn`` over the particle axis of list-of-leaves arguments."""
+    return jax.vmap(fn)(*args)
+
+
+def _broadcast_step(dt: jax.Array, leaf: jax.Array, layer: int, scope: str) -> jax.Array:
+    step = dt if scope == "global" else dt[:, layer]
+    return step.reshape((-1,) + (1,) * (leaf.ndim - 1))
+
+
+def sfpk_update(
+    state: SFPKState,
+    energy: jax.Array,
+    energy_grad: list,
+    theta: list,
+    *,
+    config: SFPKConfig,
+    target: float,
+) -> tuple[SFPKState, StepTrace]:
+    """Moves every particle one step, given E and grad E at the step's start.
+
+    Args:
+      state: positions and scores at the start of the step.
+      energy: (n,) polarized energies.
+      energy_grad: grad E per prunable leaf, leading axis n.
+      theta: the prunable parameters.
+      config: the hyper-parameters.
+      target: target density f.
+
+    Returns:
+      The state after the step and the step's trace.
+    """
+    scope = config.scope
+    particles = state.particles
+    density, g = _per_particle(
+        lambda *m: sparsity_lib.sparsity_and_descent(list(m), config.sparsity_fn, scope),
+        *particles,
+    )
+    k_value, k_grad = repulsion_lib.repulsion(
+        particles, theta, mode=config.repulsion_mode, weighted=config.repulsion_weighted
+    )
+    e = [-de - config.repulsion * dk for de, dk in zip(energy_grad, k_grad)]
+    delta = jax.vmap(
+        lambda gi, ei: direction_lib.direction(gi, ei, config.radius, scope)
+    )(g, e)
+    dt = jnp.broadcast_to(
+        schedules.step_size(config.schedule, state.step, config.steps, state.start, target, density),
+        density.shape,
+    )
+    moved = [
+        m + _broadcast_step(dt, m, l, scope) * d
+        for l, (m, d) in enumerate(zip(particles, delta))
+    ]
+    scores = voting.vote(
+        state.scores,
+        moved,
+        theta,
+        energy,
+        mode=config.vote_mode,
+        score=config.score,
+        voters=config.voters,
+        momentum=config.momentum,
+        target_density=target,
+        scope=scope,
+    )
+    per_particle = (lambda x: x) if scope == "global" else (lambda x: jnp.mean(x, axis=-1))
+    trace = StepTrace(
+        sparsity=per_particle(density),
+        energy=energy,
+        repulsion=k_value,
+        dt=per_particle(dt),
+    )
+    return SFPKState(moved, scores, state.step + 1, state.start), trace
+
+
+class Stepper(NamedTuple):
+    """The jitted pieces of one step; every one takes params explicitly.
+
+    Attributes:
+      step: ``(params, state, batch) -> (state, trace)``, the whole step.
+      energies: ``(params, particles, batch) -> (E, grad E)`` for all particles.
+    """
+
+    step: Callable[[Any, SFPKState, Any], tuple[SFPKState, StepTrace]]
+    energies: Callable[[Any, list, Any], tuple[jax.Array, list]]
+
+
+def _stack(outputs):
+    energy = jnp.stack([e for e, _ in outputs])
+    grads = [jnp.stack(leaf) for leaf in zip(*(g for _, g in outputs))]
+    return energy, grads
+
+
+def make_stepper(
+    loss_fn: Callable, layout: MaskLayout, config: SFPKConfig, target: float
+) -> Stepper:
+    """Builds the jitted SFPK step for ``config.particle_mode``.
+
+    ``vmap`` and ``map`` compile the whole step (energies, update, vote) into
+    one program. ``loop`` dispatches one jitted energy call per particle
+    (asynchronously: nothing waits on the host) followed by the jitted update.
+    The state's buffers are donated to the update.
+    """
+    energy_fn = energy_lib.make_energy_fn(loss_fn, layout, config)
+
+    def update(params, state, energy, grads):
+        return sfpk_update(
+            state, energy, grads, layout.gather(params), config=config, target=target
+        )
+
+    if config.particle_mode == "loop":
+
+        @jax.jit
+        def one_particle(params, particles, batch, i):
+            take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+            return energy_fn(params, [take(m) for m in particles], jax.tree.map(take, batch))
+
+        def outputs(params, particles, batch):
+            n = particles[0].shape[0]
+            return tuple(one_particle(params, particles, batch, jnp.int32(i)) for i in range(n))
+
+        combine = jax.jit(
+            lambda params, state, outs: update(params, state, *_stack(outs)), donate_argnums=1
+        )
+        stack = jax.jit(_stack)
+        return Stepper(
+            step=lambda params, state, batch: combine(
+                params, state, outputs(params, state.particles, batch)
+            ),
+            energies=lambda params, particles, batch: stack(outputs(params, particles, batch)),
+        )
+
+    batched = energy_lib.all_particles(energy_fn, config.particle_mode, config.particle_chunk)
+
+    @functools.partial(jax.jit, donate_argnums=1)
+    def fused(params, state, batch):
+        return update(params, state, *batched(params, state.particles, batch))
+
+    return Stepper(step=fused, energies=jax.jit(batched))
+
+
+def _check_sparsity(sparsity) -> float:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating)):
+        raise TypeError(f"sparsity must be a number in (0, 1), got {type(sparsity).__name__}")
+    if not (0.0 < float(sparsity) < 1.0):
+        raise ValueError(
+            f"sparsity={sparsity!r} is outside (0, 1): it is the fraction of prunable "
+            "entries to remove, e.g. 0.95 keeps 5%"
+        )
+    return float(sparsity)
+
+
+def _check_finite(layout: MaskLayout, theta: list) -> None:
+    for path, t in zip(layout.paths, theta):
+        if not bool(jnp.all(jnp.isfinite(t))):
+            raise ValueError(
+                f"parameter {path} holds NaN or Inf values; SFPK needs finite trained "
+                "weights: check the checkpoint or the training run that produced it"
+            )
+
+
+def _check_batch(batch: Any, n: int, step: int) -> None:
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError(f"step {step}: the batch is empty; yield one batch pytree per step")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
+            raise ValueError(
+                f"step {step}: batch leaf {path_to_str(path) or '<root>'} has shape "
+                f"{np.shape(leaf)}, but its leading axis must be the particle count n={n} "
+                "(particle i uses slice i)"
+            )
+
+
+def initial_state(
+    layout: MaskLayout, params: Any, config: SFPKConfig, init: SFPKResult | None = None
+) -> SFPKState:
+    """Dense particles (m = 1), or the particles and scores of an earlier run."""
+    n = config.particles
+    if init is None:
+        particles = [jnp.ones((n,) + s, jnp.float32) for s in layout.shapes]
+        scores = [jnp.zeros(s, jnp.float32) for s in layout.shapes]
+    else:
+        particles = [jnp.asarray(x, jnp.float32) for x in layout.gather(init.particles)]
+        scores = [jnp.asarray(x, jnp.float32) for x in layout.gather(init.scores)]
+        for path, shape, p in zip(layout.paths, layout.shapes, particles):
+            if p.shape != (n,) + shape:
+                raise ValueError(
+                    f"init particles for {path} have shape {p.shape}, expected {(n,) + shape}: "
+                    "resume with the same params tree and number of particles"
+                )
+    density = jax.vmap(
+        lambda *m: sparsity_lib.sparsity(list(m), config.sparsity_fn, config.scope)
+    )(*particles)
+    return SFPKState(particles, scores, jnp.int32(0), jnp.mean(density, axis=0))
+
+
+def sfpk_prune(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batches: Iterable[Any],
+    sparsity: float,
+    config: SFPKConfig = SFPKConfig(),
+    prunable: Prunable = None,
+    key: jax.Array | None = None,
+    init: SFPKResult | None = None,
+) -> SFPKResult:
+    """Prunes ``params`` with SFPK.
+
+    Args:
+      loss_fn: pure ``loss_fn(params, batch) -> scalar`` (close over batch-norm
+        state in training mode).
+      params: the trained parameter pytree theta.
+      batches: yields one batch pytree per step whose leaves have a leading
+        axis of size ``config.particles``: particle i uses slice i.
+      sparsity: fraction of prunable entries to remove (0.95 keeps 5%).
+      config: the hyper-parameters.
+      prunable: which leaves to prune: None (conv/dense kernels and dense
+        biases), a regex over '/'-joined paths, or a callable (path, leaf).
+      key: optional PRNG key that breaks exact ties in the final top-k (without
+        it ties go by position); the simulation itself is deterministic.
+      init: an earlier result to continue from (gradual pruning): its
+        particles and scores are the starting point, and the start density is
+        the particles' mean G.
+
+    Returns:
+      An :class:`SFPKResult`.
+    """
+    sparsity = _check_sparsity(sparsity)
+    if not isinstance(config, SFPKConfig):
+        raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
+    layout = MaskLayout.from_params(params, prunable)
+    theta = layout.gather(params)
+    _check_finite(layout, theta)
+    target = 1.0 - sparsity
+    state = initial_state(layout, params, config, init)
+    start = np.asarray(state.start)
+    if np.any(start <= target):
+        raise ValueError(
+            f"the particles' density {start.round(4).tolist()} is already at or below the "
+            f"target density {target:.4f} (sparsity={sparsity}); choose a higher sparsity"
+        )
+    stepper = make_stepper(loss_fn, layout, config, target)
+    trace = {f: [] for f in TRACE_FIELDS}
+    batch_iter = iter(batches)
+    bar = tqdm(range(config.steps), desc="SFPK", disable=not config.progress, leave=False)
+    for t in bar:
+        try:
+            batch = next(batch_iter)
+        except StopIteration:
+            raise ValueError(
+                f"batches ran out at step {t} of {config.steps}: yield one batch per step "
+                "(an infinite iterator is easiest)"
+            ) from None
+        _check_batch(batch, config.particles, t)
+        state, step_trace = stepper.step(params, state, batch)
+        # The one host transfer of the step: the trace, for the bar and the stop test.
+        host = jax.device_get(step_trace)
+        for f in TRACE_FIELDS:
+            trace[f].append(np.asarray(getattr(host, f)))
+        mean_g = float(np.mean(host.sparsity))
+        bar.set_postfix(G=f"{mean_g:.4f}", E=f"{float(np.mean(host.energy)):.4f}")
+        if config.early_stop and mean_g <= target:
+            break
+    bar.close()
+    remove = (
+        math.floor(sparsity * layout.total)
+        if config.scope == "global"
+        else [math.floor(sparsity * d) for d in layout.sizes]
+    )
+    final = [s * (t != 0) for s, t in zip(state.scores, theta)]
+    masks = thresholds.topk_mask(final, remove, config.scope, key)
+    return SFPKResult(
+        masks=layout.scatter(masks),
+        scores=layout.scatter(state.scores),
+        particles=layout.scatter(state.particles),
+        trace={f: np.stack(v) for f, v in trace.items()},
+    )
+
+
+def spode_prune(loss_fn, params, batches, sparsity, config: SFPKConfig | None = None, **kwargs):
+    """SpODE (Mo et al., ICML 2023): :func:`sfpk_prune` with n = 1 and lambda = 0."""
+    config = (config or SFPKConfig()).replace(particles=1, repulsion=0.0)
+    return sfpk_prune(loss_fn, params, batches, sparsity, config, **kwargs)

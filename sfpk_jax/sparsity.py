@@ -1,0 +1,60 @@
+"""The sparsity functional G: a differentiable density of a continuous mask.
+
+G(1) = 1 and G falls toward the fraction of entries kept as the mask goes to
+0/1. ``l2``: sqrt(sum m^2 + 1e-12) / sqrt(D); ``l1``: sum |m| / D. In local
+scope each layer has its own G_l over its own D_l.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-12
+
+
+def _layer_power_sums(mask: Sequence[jax.Array], kind: str) -> jax.Array:
+    if kind == "l2":
+        return jnp.stack([jnp.sum(jnp.square(m)) for m in mask])
+    return jnp.stack([jnp.sum(jnp.abs(m)) for m in mask])
+
+
+def global_sparsity(mask: Sequence[jax.Array], kind: str) -> jax.Array:
+    """G over all prunable entries of one particle (scalar)."""
+    total = sum(m.size for m in mask)
+    s = jnp.sum(_layer_power_sums(mask, kind))
+    if kind == "l2":
+        return jnp.sqrt(s + EPS) / jnp.sqrt(float(total))
+    return s / total
+
+
+def layer_sparsity(mask: Sequence[jax.Array], kind: str) -> jax.Array:
+    """G_l for every layer of one particle, shape (L,)."""
+    sizes = jnp.asarray([m.size for m in mask], jnp.float32)
+    s = _layer_power_sums(mask, kind)
+    if kind == "l2":
+        return jnp.sqrt(s + EPS) / jnp.sqrt(sizes)
+    return s / sizes
+
+
+def sparsity(mask: Sequence[jax.Array], kind: str, scope: str) -> jax.Array:
+    """G in the given scope: a scalar (global) or one value per layer (local)."""
+    return global_sparsity(mask, kind) if scope == "global" else layer_sparsity(mask, kind)
+
+
+def sparsity_and_descent(
+    mask: Sequence[jax.Array], kind: str, scope: str
+) -> tuple[jax.Array, list[jax.Array]]:
+    """G and g = -grad G for one particle.
+
+    In local scope the gradient of sum_l G_l is, layer by layer, the
+    gradient of that layer's own G_l, which is what the per-layer step needs.
+    """
+    def total(m):
+        g = sparsity(m, kind, scope)
+        return jnp.sum(g), g
+
+    grad, g_value = jax.grad(total, has_aux=True)(list(mask))
+    return g_value, [-x for x in grad]

@@ -1,6 +1,7 @@
 """sfpk-jax: SFPK pruning (interacting mask particles) for any Flax model."""
 
 from sfpk_jax.config import SFPKConfig, spode_config
+from sfpk_jax.magnitude import magnitude_prune
 from sfpk_jax.masks import (
     MaskLayout,
     apply_masks,
@@ -27,6 +28,7 @@ __all__ = [
     "apply_masks",
     "count_prunable",
     "density",
+    "magnitude_prune",
     "make_stepper",
     "ones_like_masks",
     "sfpk_prune",

@@ -20,7 +20,12 @@ EPS = 1e-12
 
 
 def _weights(theta: Sequence[jax.Array], weighted: bool) -> list[jax.Array]:
-    return [jnp.abs(t) if weighted else jnp.ones_like(t) for t in theta]
+    # A leading axis of 1 so the weights broadcast over the particle axis.
+    return [(jnp.abs(t) if weighted else jnp.ones_like(t))[None] for t in theta]
+
+
+def _particle(m: jax.Array, j) -> jax.Array:
+    return jax.lax.dynamic_index_in_dim(m, j, keepdims=True)
 
 
 def _per_particle_sum(x: jax.Array) -> jax.Array:
@@ -36,7 +41,7 @@ def _pairwise(pairs, fn) -> jax.Array:
     n = pairs[0][0].shape[0]
 
     def column(j, out):
-        col = sum(_per_particle_sum(fn(m, w, m[j])) for m, w in pairs)
+        col = sum(_per_particle_sum(fn(m, w, _particle(m, j))) for m, w in pairs)
         return out.at[:, j].set(col)
 
     return jax.lax.fori_loop(0, n, column, jnp.zeros((n, n), jnp.float32))
@@ -77,7 +82,7 @@ def repulsion(
         def grad_leaf(m, w2):
             def add(j, acc):
                 c = coef[:, j].reshape((n,) + (1,) * (m.ndim - 1))
-                return acc + c * (m - m[j])
+                return acc + c * (m - _particle(m, j))
 
             pulled = jax.lax.fori_loop(0, n, add, jnp.zeros_like(m))
             return -2.0 / n * w2 * pulled

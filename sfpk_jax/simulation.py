@@ -10,7 +10,6 @@ keeps the top (1 - sparsity) fraction of the scores.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -220,7 +219,8 @@ def make_stepper(
     return Stepper(step=fused, energies=jax.jit(batched))
 
 
-def _check_sparsity(sparsity) -> float:
+def check_sparsity(sparsity) -> float:
+    """Validates a sparsity (fraction removed) and returns it as a float."""
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating)):
         raise TypeError(f"sparsity must be a number in (0, 1), got {type(sparsity).__name__}")
     if not (0.0 < float(sparsity) < 1.0):
@@ -307,7 +307,7 @@ def sfpk_prune(
     Returns:
       An :class:`SFPKResult`.
     """
-    sparsity = _check_sparsity(sparsity)
+    sparsity = check_sparsity(sparsity)
     if not isinstance(config, SFPKConfig):
         raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
     layout = MaskLayout.from_params(params, prunable)
@@ -344,12 +344,8 @@ def sfpk_prune(
         if config.early_stop and mean_g <= target:
             break
     bar.close()
-    remove = (
-        math.floor(sparsity * layout.total)
-        if config.scope == "global"
-        else [math.floor(sparsity * d) for d in layout.sizes]
-    )
-    final = [s * (t != 0) for s, t in zip(state.scores, theta)]
+    remove = thresholds.remove_counts(layout.sizes, sparsity, config.scope)
+    final = [jnp.where(t != 0, s, 0.0) for s, t in zip(state.scores, theta)]
     masks = thresholds.topk_mask(final, remove, config.scope, key)
     return SFPKResult(
         masks=layout.scatter(masks),

@@ -19,7 +19,7 @@ from sfpk_jax import thresholds
 def particle_scores(particles, theta, score: str) -> list[jax.Array]:
     """s_i for every particle, shaped like ``particles``."""
     if score == "mp":
-        return [jnp.abs(m * t) for m, t in zip(particles, theta)]
+        return [jnp.abs(m * t[None]) for m, t in zip(particles, theta)]
     return [jnp.abs(m) for m in particles]
 
 
@@ -62,7 +62,7 @@ def vote(
     """
     s = particle_scores(particles, theta, score)
     if mode == "hard":
-        s = [x * (t != 0) for x, t in zip(s, theta)]
+        s = [jnp.where(t[None] != 0, x, 0.0) for x, t in zip(s, theta)]
         k = thresholds.counts([t.size for t in theta], jnp.float32(target_density), scope)
         s = jax.vmap(lambda *leaves: thresholds.above_kth(list(leaves), k, scope))(*s)
     w = voter_weights(energy, voters)

@@ -1,0 +1,266 @@
+"""Supervised training with optax, optionally with fixed pruning masks."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from sfpk_jax.data.digits import batch_iterator
+from sfpk_jax.masks import apply_masks
+from sfpk_jax.models.registry import ApplyFn
+
+PyTree = Any
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Mean softmax cross-entropy against integer labels.
+
+    Args:
+      logits: ``(batch, classes)``.
+      labels: ``(batch,)`` integer class indices.
+      label_smoothing: mass spread uniformly over the classes, in [0, 1).
+
+    Returns:
+      The scalar mean loss.
+    """
+    if label_smoothing > 0.0:
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+        return optax.softmax_cross_entropy(logits, targets).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+
+def make_loss_fn(apply_fn: ApplyFn, variables: dict):
+    """The training-mode loss as a function of the parameters alone.
+
+    Batch norm normalises with the batch's statistics (training mode); the
+    running statistics in ``variables`` are neither used nor changed.
+
+    Args:
+      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
+      variables: model variables; everything except ``params`` is held fixed.
+
+    Returns:
+      ``loss_fn(params, batch) -> scalar`` where ``batch`` holds ``"image"``
+      and ``"label"``.
+    """
+
+    def loss_fn(params: PyTree, batch: dict) -> jax.Array:
+        logits, _ = apply_fn({**variables, "params": params}, batch["image"], True)
+        return cross_entropy(logits, batch["label"])
+
+    return loss_fn
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn",))
+def _count_correct(apply_fn: ApplyFn, variables: dict, images: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+    logits, _ = apply_fn(variables, images, False)
+    return jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid)
+
+
+def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
+    pad = [(0, size - len(a))] + [(0, 0)] * (a.ndim - 1)
+    return np.pad(a, pad)
+
+
+def evaluate(apply_fn: ApplyFn, variables: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
+    """Top-1 accuracy in eval mode (running batch-norm statistics).
+
+    Args:
+      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
+      variables: model variables.
+      x: images.
+      y: integer labels aligned with ``x``.
+      batch_size: examples per forward pass; the last batch is padded so that
+        every pass has the same shape (one compilation).
+
+    Returns:
+      The fraction of correctly classified examples.
+    """
+    if len(x) == 0 or len(x) != len(y):
+        raise ValueError(f"x and y must be non-empty and of equal length, got {len(x)} and {len(y)}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    batch_size = min(batch_size, len(x))
+    correct = 0
+    for start in range(0, len(x), batch_size):
+        images, labels = x[start : start + batch_size], y[start : start + batch_size]
+        valid = np.arange(batch_size) < len(images)
+        correct += int(
+            _count_correct(apply_fn, variables, _pad_to(images, batch_size), _pad_to(labels, batch_size), valid)
+        )
+    return correct / len(x)
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "optimizer", "label_smoothing"))
+def _train_step(
+    apply_fn: ApplyFn,
+    optimizer: optax.GradientTransformation,
+    label_smoothing: float,
+    variables: dict,
+    opt_state: optax.OptState,
+    batch: dict,
+    masks: PyTree | None,
+) -> tuple[dict, optax.OptState, jax.Array]:
+    def loss_fn(params):
+        logits, updated = apply_fn({**variables, "params": params}, batch["image"], True)
+        return cross_entropy(logits, batch["label"], label_smoothing), updated
+
+    (loss, updated), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
+    if masks is not None:
+        # Pruned entries get no gradient, so momentum never accumulates there.
+        grads = apply_masks(grads, masks)
+    updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
+    params = optax.apply_updates(variables["params"], updates)
+    if masks is not None:
+        # Weight decay and other transforms may still move pruned entries.
+        params = apply_masks(params, masks)
+    return {**updated, "params": params}, opt_state, loss
+
+
+def _raise_if_not_finite(losses: np.ndarray, epoch: int) -> None:
+    bad = np.flatnonzero(~np.isfinite(losses))
+    if bad.size:
+        raise FloatingPointError(
+            f"non-finite loss ({losses[bad[0]]}) at epoch {epoch}, step {int(bad[0]) + 1}: "
+            "try a smaller learning rate"
+        )
+
+
+def train(
+    apply_fn: ApplyFn,
+    variables: dict,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    optimizer: optax.GradientTransformation,
+    masks: PyTree | None = None,
+    seed: int = 0,
+    label_smoothing: float = 0.0,
+    progress: bool = True,
+    desc: str = "train",
+) -> tuple[dict, list[dict[str, float]]]:
+    """Trains with mini-batch cross-entropy, keeping pruned weights at zero.
+
+    Args:
+      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
+      variables: initial model variables (``params`` and maybe ``batch_stats``).
+      x: training images.
+      y: integer training labels.
+      epochs: passes over the data (the last partial batch is dropped).
+      batch_size: examples per step, in [1, len(x)].
+      optimizer: any optax transformation, e.g. from :func:`sgd_cosine`.
+      masks: optional mask tree mirroring ``params`` (``None`` at unpruned
+        leaves); parameters and gradients are masked at every step.
+      seed: seed of the per-epoch shuffles.
+      label_smoothing: label smoothing of the cross-entropy, in [0, 1).
+      progress: show a tqdm bar over epochs.
+      desc: label of the progress bar.
+
+    Returns:
+      ``(variables, history)``: the trained variables and one
+      ``{"epoch", "loss"}`` dict per epoch (mean training loss, epochs from 1).
+
+    Raises:
+      FloatingPointError: when a step's loss is NaN or infinite.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be at least 1, got {epochs}")
+    if masks is not None:
+        variables = {**variables, "params": apply_masks(variables["params"], masks)}
+    opt_state = optimizer.init(variables["params"])
+    history = []
+    bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress)
+    for epoch in bar:
+        losses = []
+        # Losses stay on device until the epoch ends, so steps are not synchronised.
+        for batch in batch_iterator(x, y, batch_size, seed=(seed, epoch)):
+            variables, opt_state, loss = _train_step(
+                apply_fn, optimizer, label_smoothing, variables, opt_state, batch, masks
+            )
+            losses.append(loss)
+        epoch_losses = np.asarray(jnp.stack(losses))
+        _raise_if_not_finite(epoch_losses, epoch)
+        history.append({"epoch": epoch, "loss": float(epoch_losses.mean())})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+    return variables, history
+
+
+def lr_schedule(
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: int = 0,
+    warmup_start: float = 1e-4,
+) -> optax.Schedule:
+    """Cosine decay to zero over all steps, after an optional linear warm-up.
+
+    Args:
+      lr: peak learning rate.
+      epochs: total epochs, warm-up included.
+      steps_per_epoch: optimizer steps per epoch.
+      warmup_epochs: epochs of linear warm-up from ``warmup_start`` to ``lr``,
+        in [0, epochs).
+      warmup_start: learning rate at step 0 when warming up.
+
+    Returns:
+      The schedule, step -> learning rate.
+    """
+    if epochs < 1 or steps_per_epoch < 1:
+        raise ValueError(
+            f"epochs and steps_per_epoch must be at least 1, got {epochs} and {steps_per_epoch}"
+        )
+    if not 0 <= warmup_epochs < epochs:
+        raise ValueError(f"warmup_epochs must lie in [0, {epochs - 1}] (epochs - 1), got {warmup_epochs}")
+    total = epochs * steps_per_epoch
+    if warmup_epochs == 0:
+        return optax.cosine_decay_schedule(lr, decay_steps=total)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=warmup_start,
+        peak_value=lr,
+        warmup_steps=warmup_epochs * steps_per_epoch,
+        decay_steps=total,
+    )
+
+
+def sgd_cosine(
+    lr: float,
+    epochs: int,
+    steps_per_epoch: int,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    warmup_epochs: int = 0,
+    warmup_start: float = 1e-4,
+    nesterov: bool = False,
+) -> optax.GradientTransformation:
+    """SGD with momentum on the :func:`lr_schedule` cosine schedule.
+
+    The paper retrains with lr 0.01, momentum 0.875 and 5 warm-up epochs from
+    1e-4 followed by cosine decay.
+
+    Args:
+      lr: peak learning rate.
+      epochs: total epochs, warm-up included.
+      steps_per_epoch: optimizer steps per epoch.
+      momentum: heavy-ball momentum (0 for plain SGD).
+      weight_decay: L2 coefficient added to the gradient of every parameter
+        (coupled, as in torch's SGD); off when 0.
+      warmup_epochs: epochs of linear warm-up, in [0, epochs).
+      warmup_start: learning rate at step 0 when warming up.
+      nesterov: use Nesterov momentum.
+
+    Returns:
+      The optax transformation.
+    """
+    schedule = lr_schedule(lr, epochs, steps_per_epoch, warmup_epochs, warmup_start)
+    sgd = optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
+    if weight_decay > 0.0:
+        return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
+    return sgd

@@ -91,6 +91,9 @@ class SFPKConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SFPKConfig.{name}={value!r} must be an integer >= 1")
+        for name in ("repulsion_weighted", "early_stop", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SFPKConfig.{name}={getattr(self, name)!r} must be True or False")
         _check_real(self.radius, "radius", lo=1.0, lo_open=False, what="r >= 1")
         _check_real(self.repulsion, "repulsion", lo=0.0, lo_open=False, what=">= 0")
         _check_real(self.momentum, "momentum", lo=0.0, lo_open=False, what=">= 0")

@@ -32,6 +32,6 @@ def magnitude_prune(
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
     layout = MaskLayout.from_params(params, prunable)
-    scores = [jnp.abs(t).astype(jnp.float32) for t in layout.gather(params)]
+    scores = [jnp.abs(t) for t in layout.gather(params)]
     remove = thresholds.remove_counts(layout.sizes, sparsity, scope)
     return layout.scatter(thresholds.topk_mask(scores, remove, scope))

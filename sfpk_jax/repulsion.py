@@ -44,7 +44,7 @@ def _pairwise(pairs, fn) -> jax.Array:
         col = sum(_per_particle_sum(fn(m, w, _particle(m, j))) for m, w in pairs)
         return out.at[:, j].set(col)
 
-    return jax.lax.fori_loop(0, n, column, jnp.zeros((n, n), jnp.float32))
+    return jax.lax.fori_loop(0, n, column, jnp.zeros((n, n), pairs[0][0].dtype))
 
 
 def repulsion(

@@ -27,7 +27,7 @@ def step_size(kind: str, t: jax.Array, steps: int, start, target, current) -> ja
     Returns:
       dt, broadcast over ``start``, ``target`` and ``current``.
     """
-    t = jnp.asarray(t, jnp.float32)
+    t = jnp.asarray(t).astype(jnp.result_type(current))
     if kind == "exp":
         ratio = start / target
         return target * (ratio ** (1.0 - t / steps) - ratio ** (1.0 - (t + 1.0) / steps))

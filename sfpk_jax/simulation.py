@@ -258,12 +258,15 @@ def initial_state(
 ) -> SFPKState:
     """Dense particles (m = 1), or the particles and scores of an earlier run."""
     n = config.particles
+    # float32, or float64 under jax_enable_x64 (for exact comparisons).
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     if init is None:
-        particles = [jnp.ones((n,) + s, jnp.float32) for s in layout.shapes]
-        scores = [jnp.zeros(s, jnp.float32) for s in layout.shapes]
+        particles = [jnp.ones((n,) + s, dtype) for s in layout.shapes]
+        scores = [jnp.zeros(s, dtype) for s in layout.shapes]
     else:
-        particles = [jnp.asarray(x, jnp.float32) for x in layout.gather(init.particles)]
-        scores = [jnp.asarray(x, jnp.float32) for x in layout.gather(init.scores)]
+        # Copies: the step donates its state, and the caller's result must survive.
+        particles = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.particles)]
+        scores = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.scores)]
         for path, shape, p in zip(layout.paths, layout.shapes, particles):
             if p.shape != (n,) + shape:
                 raise ValueError(

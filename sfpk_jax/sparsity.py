@@ -32,7 +32,7 @@ def global_sparsity(mask: Sequence[jax.Array], kind: str) -> jax.Array:
 
 def layer_sparsity(mask: Sequence[jax.Array], kind: str) -> jax.Array:
     """G_l for every layer of one particle, shape (L,)."""
-    sizes = jnp.asarray([m.size for m in mask], jnp.float32)
+    sizes = jnp.asarray([m.size for m in mask], mask[0].dtype)
     s = _layer_power_sums(mask, kind)
     if kind == "l2":
         return jnp.sqrt(s + EPS) / jnp.sqrt(sizes)

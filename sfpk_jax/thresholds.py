@@ -18,27 +18,38 @@ def _flat(leaves: Sequence[jax.Array]) -> jax.Array:
     return jnp.concatenate([jnp.ravel(x) for x in leaves])
 
 
+def _bit_layout(dtype) -> tuple:
+    # float64 needs 64-bit keys (only available with jax_enable_x64); every
+    # narrower float is compared exactly as float32.
+    if jnp.dtype(dtype) == jnp.float64:
+        return jnp.float64, jnp.uint64, 64
+    return jnp.float32, jnp.uint32, 32
+
+
 def _ordered_bits(values: jax.Array) -> jax.Array:
-    """uint32 keys whose integer order is the float32 order of ``values``."""
-    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.uint32)
-    negative = (bits >> 31) == 1
-    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+    """Unsigned keys whose integer order is the float order of ``values``."""
+    ftype, utype, width = _bit_layout(values.dtype)
+    bits = jax.lax.bitcast_convert_type(values.astype(ftype), utype)
+    sign = utype(1 << (width - 1))
+    return jnp.where((bits & sign) != 0, ~bits, bits | sign)
 
 
-def _from_ordered_bits(keys: jax.Array) -> jax.Array:
-    positive = (keys >> 31) == 1
-    bits = jnp.where(positive, keys & jnp.uint32(0x7FFFFFFF), ~keys)
-    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+def _from_ordered_bits(keys: jax.Array, dtype) -> jax.Array:
+    ftype, utype, width = _bit_layout(dtype)
+    sign = utype(1 << (width - 1))
+    bits = jnp.where((keys & sign) != 0, keys & ~sign, ~keys)
+    return jax.lax.bitcast_convert_type(bits, ftype)
 
 
 def kth_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
     """The k-th smallest entry (1-based) of a flat vector; k is clipped to [1, size].
 
-    A 32-step bisection over the float bit patterns: exact, and O(32 D)
-    instead of a sort, which XLA runs slowly on CPU.
+    A bisection over the float bit patterns (one pass per bit): exact, and
+    O(32 D) instead of a sort, which XLA runs slowly on CPU.
     """
     k = jnp.clip(k, 1, values.size).astype(jnp.int32)
     keys = _ordered_bits(values)
+    _, utype, width = _bit_layout(values.dtype)
 
     def halve(_, bounds):
         lo, hi = bounds
@@ -46,29 +57,29 @@ def kth_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
         enough = jnp.sum(keys <= mid, dtype=jnp.int32) >= k
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-    lo, _ = jax.lax.fori_loop(0, 32, halve, (jnp.uint32(0), jnp.uint32(0xFFFFFFFF)))
-    return _from_ordered_bits(lo)
+    lo, _ = jax.lax.fori_loop(0, width, halve, (utype(0), ~utype(0)))
+    return _from_ordered_bits(lo, values.dtype)
 
 
 def counts(sizes: Sequence[int], density: jax.Array, scope: str) -> jax.Array:
     """k = floor((1 - density) * D), globally (scalar) or per leaf (shape (L,))."""
     if scope == "global":
         return jnp.floor((1.0 - density) * sum(sizes)).astype(jnp.int32)
-    return jnp.floor((1.0 - density) * jnp.asarray(sizes, jnp.float32)).astype(jnp.int32)
+    return jnp.floor((1.0 - density) * jnp.asarray(sizes, jnp.result_type(density))).astype(jnp.int32)
 
 
 def at_or_above_kth(
     values: Sequence[jax.Array], k: jax.Array, scope: str
 ) -> list[jax.Array]:
-    """1 where a value is >= the k-th smallest (its scope's), as float32.
+    """1 where a value is >= the k-th smallest (its scope's), in the values' dtype.
 
     With k < 1 nothing would be removed, so every entry passes.
     """
     if scope == "global":
         tau = kth_smallest(_flat(values), k)
-        return [jnp.where(k >= 1, v >= tau, True).astype(jnp.float32) for v in values]
+        return [jnp.where(k >= 1, v >= tau, True).astype(v.dtype) for v in values]
     return [
-        jnp.where(k[i] >= 1, v >= kth_smallest(jnp.ravel(v), k[i]), True).astype(jnp.float32)
+        jnp.where(k[i] >= 1, v >= kth_smallest(jnp.ravel(v), k[i]), True).astype(v.dtype)
         for i, v in enumerate(values)
     ]
 

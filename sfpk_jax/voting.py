@@ -27,7 +27,7 @@ def voter_weights(energy: jax.Array, voters: int) -> jax.Array:
     """1/voters for the ``voters`` lowest-energy particles (stable order), else 0."""
     order = jnp.argsort(energy, stable=True)
     rank = jnp.empty_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-    return jnp.where(rank < voters, 1.0 / voters, 0.0).astype(jnp.float32)
+    return jnp.where(rank < voters, 1.0 / voters, 0.0).astype(energy.dtype)
 
 
 def vote(
@@ -63,7 +63,7 @@ def vote(
     s = particle_scores(particles, theta, score)
     if mode == "hard":
         s = [jnp.where(t[None] != 0, x, 0.0) for x, t in zip(s, theta)]
-        k = thresholds.counts([t.size for t in theta], jnp.float32(target_density), scope)
+        k = thresholds.counts([t.size for t in theta], jnp.asarray(target_density, energy.dtype), scope)
         s = jax.vmap(lambda *leaves: thresholds.above_kth(list(leaves), k, scope))(*s)
     w = voter_weights(energy, voters)
     return [jnp.tensordot(w, x, axes=1) + momentum * old for x, old in zip(s, scores)]

@@ -1,7 +1,58 @@
-"""Datasets that ship with the package's dependencies (no downloads)."""
+"""Datasets and input pipelines.
+
+* :func:`load` (+ :data:`DATASETS`): every dataset by name, as a
+  :class:`DataBundle` of random-access sources and transforms.
+* :class:`Loader` / :func:`particle_loader`: seeded, prefetched batches from
+  any source.
+* The embedded digits (:func:`load_digits`, :func:`batch_iterator`,
+  :func:`particle_batches`) need no download.
+"""
 
 from __future__ import annotations
 
+from sfpk_jax.data.augment import (
+    Transform,
+    cifar_eval,
+    cifar_train,
+    cifar_transforms,
+    identity,
+    imagenet_eval,
+    imagenet_train,
+    normalize,
+    random_resized_crop_box,
+)
+from sfpk_jax.data.cifar import load_cifar
 from sfpk_jax.data.digits import Dataset, batch_iterator, load_digits, particle_batches
+from sfpk_jax.data.errors import DatasetNotFoundError
+from sfpk_jax.data.imagenet import ImageNet, load_imagenet
+from sfpk_jax.data.pipeline import ArraySource, Loader, RandomAccessSource, particle_loader
+from sfpk_jax.data.registry import DATASETS, DataBundle, load
+from sfpk_jax.data.tfds_source import TfdsSource, open_tfds
 
-__all__ = ["Dataset", "batch_iterator", "load_digits", "particle_batches"]
+__all__ = [
+    "DATASETS",
+    "ArraySource",
+    "DataBundle",
+    "Dataset",
+    "DatasetNotFoundError",
+    "ImageNet",
+    "Loader",
+    "RandomAccessSource",
+    "TfdsSource",
+    "Transform",
+    "batch_iterator",
+    "cifar_eval",
+    "cifar_train",
+    "cifar_transforms",
+    "identity",
+    "imagenet_eval",
+    "imagenet_train",
+    "load",
+    "load_cifar",
+    "load_digits",
+    "load_imagenet",
+    "normalize",
+    "open_tfds",
+    "particle_batches",
+    "particle_loader",
+]

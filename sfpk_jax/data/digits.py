@@ -20,7 +20,7 @@ _MAX_INTENSITY = 16.0
 
 
 class Dataset(NamedTuple):
-    """A train/test split of images (NHWC float32) and labels (int32)."""
+    """A train/test split of NHWC images (float32 digits, uint8 CIFAR) and int32 labels."""
 
     x_train: np.ndarray
     y_train: np.ndarray

@@ -1,0 +1,173 @@
+"""The source-agnostic Loader, particle_loader and the dataset registry."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from sfpk_jax.data import DATASETS, ArraySource, Loader, RandomAccessSource, load, particle_loader
+from sfpk_jax.data.augment import cifar_transforms
+from sfpk_jax.data.pipeline import THREAD_NAME
+
+N, B = 40, 8
+
+
+@pytest.fixture
+def source() -> ArraySource:
+    rng = np.random.default_rng(0)
+    return ArraySource(rng.integers(0, 256, (N, 32, 32, 3), dtype=np.uint8), np.arange(N))
+
+
+TRAIN, _ = cifar_transforms("cifar10")
+
+
+def _prefetch_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == THREAD_NAME]
+
+
+def _equal(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(
+        np.array_equal(x["image"], y["image"]) and np.array_equal(x["label"], y["label"]) for x, y in zip(a, b)
+    )
+
+
+class ListSource:
+    """A minimal source: only __len__ and __getitem__; can fail on one index."""
+
+    def __init__(self, n: int, fail_at: int | None = None):
+        self.n, self.fail_at = n, fail_at
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict:
+        if index == self.fail_at:
+            raise RuntimeError(f"cannot read example {index}")
+        return {"image": np.full((4, 4, 1), index, np.uint8), "label": index}
+
+
+def test_batches_cover_one_epoch(source):
+    loader = Loader(source, B, transform=TRAIN, seed=0)
+    assert isinstance(source, RandomAccessSource) and len(loader) == N // B
+    batches = list(loader.epoch(0))
+    assert len(batches) == len(loader)
+    for batch in batches:
+        assert batch["image"].shape == (B, 32, 32, 3) and batch["image"].dtype == np.float32
+        assert batch["label"].shape == (B,) and batch["label"].dtype == np.int32
+    assert sorted(np.concatenate([b["label"] for b in batches])) == list(range(N))
+
+
+def test_remainder_and_order():
+    loader = Loader(ListSource(10), 4, transform=None, seed=0, shuffle=False, drop_last=False)
+    batches = list(loader.epoch(0))
+    assert len(loader) == len(batches) == 3
+    assert [b["label"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert batches[0]["image"].shape == (4, 4, 4, 1) and batches[0]["image"].dtype == np.uint8
+    assert len(Loader(ListSource(10), 4, transform=None, seed=0)) == 2
+
+
+def test_epochs_are_reproducible_and_distinct(source):
+    loader = Loader(source, B, transform=TRAIN, seed=3)
+    e1 = list(loader.epoch(1))
+    assert _equal(e1, list(Loader(source, B, transform=TRAIN, seed=3, prefetch=0).epoch(1)))
+    assert not _equal(e1, list(loader.epoch(0)))
+    assert not _equal(e1, list(Loader(source, B, transform=TRAIN, seed=4).epoch(1)))
+    # Iterating the loader walks the epochs in order.
+    assert not _equal(list(loader), e1) and _equal(list(loader), e1)
+
+
+def test_augmentation_differs_between_epochs_even_without_shuffle(source):
+    loader = Loader(source, B, transform=TRAIN, seed=0, shuffle=False)
+    first, second = next(loader.epoch(0)), next(loader.epoch(1))
+    np.testing.assert_array_equal(first["label"], second["label"])
+    assert not np.array_equal(first["image"], second["image"])
+
+
+def test_prefetch_thread_stops_with_the_consumer(source):
+    before = len(_prefetch_threads())
+    loader = Loader(source, B, transform=TRAIN, seed=0, prefetch=1)
+    for _ in loader.epoch(0):
+        assert len(_prefetch_threads()) == before + 1
+        break
+    assert len(_prefetch_threads()) == before
+    it = loader.epoch(1)
+    next(it)
+    it.close()
+    assert len(_prefetch_threads()) == before
+    list(loader.epoch(2))
+    assert len(_prefetch_threads()) == before
+
+
+def test_worker_exception_reaches_the_consumer():
+    before = len(_prefetch_threads())
+    loader = Loader(ListSource(12, fail_at=9), 4, transform=None, seed=0, shuffle=False)
+    it = loader.epoch(0)
+    assert next(it)["label"].tolist() == [0, 1, 2, 3]
+    with pytest.raises(RuntimeError, match="cannot read example 9"):
+        list(it)
+    assert len(_prefetch_threads()) == before
+
+
+def test_invalid_arguments(source):
+    with pytest.raises(ValueError, match="batch_size"):
+        Loader(source, N + 1, transform=None, seed=0)
+    with pytest.raises(ValueError, match="prefetch"):
+        Loader(source, B, transform=None, seed=0, prefetch=-1)
+    with pytest.raises(ValueError, match="particles"):
+        particle_loader(source, 0, B, transform=None, seed=0)
+
+
+def test_particle_loader(source):
+    before = len(_prefetch_threads())
+    stream = particle_loader(source, 3, B, transform=TRAIN, seed=0)
+    steps = [next(stream) for _ in range(12)]  # more than an epoch per particle
+    stream.close()
+    assert steps[0]["image"].shape == (3, B, 32, 32, 3) and steps[0]["image"].dtype == np.float32
+    assert steps[0]["label"].shape == (3, B) and steps[0]["label"].dtype == np.int32
+    labels = np.stack([s["label"] for s in steps])  # (steps, particles, B)
+    assert not np.array_equal(labels[:, 0], labels[:, 1])
+    # Each particle's epoch (N // B steps) visits distinct examples.
+    for p in range(3):
+        assert len(set(labels[: N // B, p].ravel())) == N // B * B
+    again = particle_loader(source, 3, B, transform=TRAIN, seed=0, prefetch=0)
+    for step in steps:
+        other = next(again)
+        np.testing.assert_array_equal(step["image"], other["image"])
+    assert len(_prefetch_threads()) == before
+
+
+def test_particles_draw_their_own_augmentation():
+    # One example: every particle gets the same image, so only augmentation differs.
+    images = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)
+    step = next(particle_loader(ArraySource(images, [0]), 4, 1, transform=TRAIN, seed=0, prefetch=0))
+    assert len({step["image"][p].tobytes() for p in range(4)}) > 1
+
+
+def test_raw_tfds_data_source_is_a_source():
+    with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+        raw = tfds.data_source("cifar10", split="train")
+        assert isinstance(raw, RandomAccessSource)
+        batches = list(Loader(raw, 3, transform=TRAIN, seed=0).epoch(0))
+    assert len(batches) == 2 and batches[0]["image"].shape == (3, 32, 32, 3)
+    assert batches[0]["label"].dtype == np.int32
+
+
+def test_registry_digits():
+    bundle = load("digits", "/ignored")
+    assert (bundle.num_classes, bundle.image_shape) == (10, (8, 8, 1))
+    assert len(bundle.train) == 1347 and len(bundle.test) == 450
+    batch = next(Loader(bundle.train, 16, transform=bundle.train_transform, seed=0, prefetch=0).epoch(0))
+    assert batch["image"].shape == (16, 8, 8, 1) and batch["image"].dtype == np.float32
+    # The digits come standardised: their transforms change nothing.
+    images = bundle.train.images[:4]
+    np.testing.assert_array_equal(bundle.train_transform(images, None), images)
+    np.testing.assert_array_equal(bundle.eval_transform(images, None), images)
+
+
+def test_registry_unknown_name():
+    with pytest.raises(ValueError) as info:
+        load("mnist")
+    assert all(name in str(info.value) for name in DATASETS)

@@ -2,6 +2,7 @@
 
 from sfpk_jax.config import SFPKConfig, spode_config
 from sfpk_jax.magnitude import magnitude_prune
+from sfpk_jax.pruners import PRUNERS, PruneResult, prune
 from sfpk_jax.masks import (
     MaskLayout,
     apply_masks,
@@ -21,6 +22,8 @@ from sfpk_jax.simulation import (
 
 __all__ = [
     "MaskLayout",
+    "PRUNERS",
+    "PruneResult",
     "SFPKConfig",
     "SFPKResult",
     "SFPKState",
@@ -31,6 +34,7 @@ __all__ = [
     "magnitude_prune",
     "make_stepper",
     "ones_like_masks",
+    "prune",
     "sfpk_prune",
     "sfpk_update",
     "spode_config",

@@ -64,3 +64,44 @@ def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str) -> Non
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def accuracy_over_epochs(rows: Sequence[Mapping], path: str) -> None:
+    """Test accuracy per epoch, one line per phase (pretrain, retrain, ...).
+
+    Args:
+      rows: ``metrics.csv`` rows with ``phase``, ``epoch`` and ``test_acc``.
+      path: where to save the PNG.
+    """
+    fig, ax = plt.subplots(figsize=(6, 4))
+    offset = 0
+    for phase in dict.fromkeys(r["phase"] for r in rows):
+        part = [r for r in rows if r["phase"] == phase]
+        ax.plot([offset + r["epoch"] for r in part], [r["test_acc"] for r in part], "o-", ms=3,
+                label=phase)
+        offset += len(part)
+    ax.set_xlabel("epoch (all phases in order)")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def layer_density(density: Mapping[str, float], path: str) -> None:
+    """Bars of the kept fraction of every pruned layer.
+
+    Args:
+      density: '/'-joined parameter path -> kept fraction.
+      path: where to save the PNG.
+    """
+    names = list(density)
+    fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names)), 4))
+    ax.bar(range(len(names)), [density[n] for n in names])
+    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
+    ax.set_ylabel("kept fraction")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

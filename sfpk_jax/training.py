@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -68,6 +69,34 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
     return np.pad(a, pad)
 
 
+def evaluate_batches(apply_fn: ApplyFn, variables: dict, batches: Iterable[dict]) -> float:
+    """Top-1 accuracy in eval mode over ``{"image", "label"}`` batches.
+
+    Batches smaller than the first are padded to its size, so every pass has
+    the same shape (one compilation).
+
+    Args:
+      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
+      variables: model variables.
+      batches: an iterable of batches, e.g. a non-shuffled loader epoch.
+
+    Returns:
+      The fraction of correctly classified examples.
+    """
+    correct, seen, size = 0, 0, None
+    for batch in batches:
+        images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
+        size = size or len(images)
+        valid = np.arange(size) < len(images)
+        correct += int(
+            _count_correct(apply_fn, variables, _pad_to(images, size), _pad_to(labels, size), valid)
+        )
+        seen += len(images)
+    if seen == 0:
+        raise ValueError("evaluate_batches got no examples")
+    return correct / seen
+
+
 def evaluate(apply_fn: ApplyFn, variables: dict, x: np.ndarray, y: np.ndarray, batch_size: int = 512) -> float:
     """Top-1 accuracy in eval mode (running batch-norm statistics).
 
@@ -76,8 +105,7 @@ def evaluate(apply_fn: ApplyFn, variables: dict, x: np.ndarray, y: np.ndarray, b
       variables: model variables.
       x: images.
       y: integer labels aligned with ``x``.
-      batch_size: examples per forward pass; the last batch is padded so that
-        every pass has the same shape (one compilation).
+      batch_size: examples per forward pass.
 
     Returns:
       The fraction of correctly classified examples.
@@ -87,14 +115,11 @@ def evaluate(apply_fn: ApplyFn, variables: dict, x: np.ndarray, y: np.ndarray, b
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     batch_size = min(batch_size, len(x))
-    correct = 0
-    for start in range(0, len(x), batch_size):
-        images, labels = x[start : start + batch_size], y[start : start + batch_size]
-        valid = np.arange(batch_size) < len(images)
-        correct += int(
-            _count_correct(apply_fn, variables, _pad_to(images, batch_size), _pad_to(labels, batch_size), valid)
-        )
-    return correct / len(x)
+    return evaluate_batches(
+        apply_fn, variables,
+        ({"image": x[i : i + batch_size], "label": y[i : i + batch_size]}
+         for i in range(0, len(x), batch_size)),
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "optimizer", "label_smoothing"))
@@ -132,6 +157,53 @@ def _raise_if_not_finite(losses: np.ndarray, epoch: int) -> None:
         )
 
 
+def train_epoch(
+    apply_fn: ApplyFn,
+    variables: dict,
+    opt_state: optax.OptState,
+    batches: Iterable[dict],
+    *,
+    optimizer: optax.GradientTransformation,
+    masks: PyTree | None = None,
+    label_smoothing: float = 0.0,
+    epoch: int = 1,
+    progress: bool = False,
+    desc: str = "epoch",
+) -> tuple[dict, optax.OptState, float]:
+    """One pass over ``batches``; pruned weights stay exactly zero.
+
+    Args:
+      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
+      variables: model variables (``params`` and maybe ``batch_stats``).
+      opt_state: the optimizer's state.
+      batches: ``{"image", "label"}`` dicts, e.g. a :class:`sfpk_jax.data.Loader` epoch.
+      optimizer: the optax transformation that made ``opt_state``.
+      masks: optional mask tree; parameters and gradients are masked each step.
+      label_smoothing: label smoothing of the cross-entropy, in [0, 1).
+      epoch: epoch number, for the error message and the bar.
+      progress: show a tqdm bar over the steps.
+      desc: label of the bar.
+
+    Returns:
+      ``(variables, opt_state, mean loss)``.
+
+    Raises:
+      FloatingPointError: when a step's loss is NaN or infinite.
+    """
+    losses = []
+    # Losses stay on device until the epoch ends, so steps are not synchronised.
+    for batch in tqdm(batches, desc=f"{desc} {epoch}", disable=not progress, leave=False):
+        variables, opt_state, loss = _train_step(
+            apply_fn, optimizer, label_smoothing, variables, opt_state, batch, masks
+        )
+        losses.append(loss)
+    if not losses:
+        raise ValueError(f"epoch {epoch} had no batches: the data is smaller than one batch")
+    epoch_losses = np.asarray(jnp.stack(losses))
+    _raise_if_not_finite(epoch_losses, epoch)
+    return variables, opt_state, float(epoch_losses.mean())
+
+
 def train(
     apply_fn: ApplyFn,
     variables: dict,
@@ -147,7 +219,7 @@ def train(
     progress: bool = True,
     desc: str = "train",
 ) -> tuple[dict, list[dict[str, float]]]:
-    """Trains with mini-batch cross-entropy, keeping pruned weights at zero.
+    """Trains on in-memory arrays with mini-batch cross-entropy.
 
     Args:
       apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
@@ -179,17 +251,12 @@ def train(
     history = []
     bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress)
     for epoch in bar:
-        losses = []
-        # Losses stay on device until the epoch ends, so steps are not synchronised.
-        for batch in batch_iterator(x, y, batch_size, seed=(seed, epoch)):
-            variables, opt_state, loss = _train_step(
-                apply_fn, optimizer, label_smoothing, variables, opt_state, batch, masks
-            )
-            losses.append(loss)
-        epoch_losses = np.asarray(jnp.stack(losses))
-        _raise_if_not_finite(epoch_losses, epoch)
-        history.append({"epoch": epoch, "loss": float(epoch_losses.mean())})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.4f}")
+        variables, opt_state, loss = train_epoch(
+            apply_fn, variables, opt_state, batch_iterator(x, y, batch_size, seed=(seed, epoch)),
+            optimizer=optimizer, masks=masks, label_smoothing=label_smoothing, epoch=epoch,
+        )
+        history.append({"epoch": epoch, "loss": loss})
+        bar.set_postfix(loss=f"{loss:.4f}")
     return variables, history
 
 

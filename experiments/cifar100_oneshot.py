@@ -15,7 +15,6 @@ import argparse
 import sys
 import time
 
-import sfpk_jax
 from sfpk_jax import checkpoints, runs
 from sfpk_jax.training import evaluate_batches
 
@@ -59,9 +58,7 @@ def main(argv=None) -> int:
         "acc_pruned": acc_pruned,
         "pruner": args.pruner,
         "sparsity": args.sparsity,
-        "density": sfpk_jax.density(pruned.masks),
-        "density_per_layer": runs.density_per_layer(pruned.masks),
-        "mask_digest": runs.mask_digest(pruned.masks),
+        **runs.mask_results(pruned.masks),
         "prune_seconds": pruned.seconds,
         "retrain_seconds": retrain_s,
     }

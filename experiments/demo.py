@@ -17,7 +17,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 import sfpk_jax
 from sfpk_jax import io, plotting

@@ -18,7 +18,6 @@ import argparse
 import sys
 import time
 
-import sfpk_jax
 from sfpk_jax import checkpoints, runs
 from sfpk_jax.models import load_pretrained
 from sfpk_jax.training import evaluate_batches
@@ -99,9 +98,7 @@ def main(argv=None) -> int:
         "dense_acc": dense_acc,
         "pruner": args.pruner,
         "sparsity": args.sparsity,
-        "density": sfpk_jax.density(pruned.masks),
-        "density_per_layer": runs.density_per_layer(pruned.masks),
-        "mask_digest": runs.mask_digest(pruned.masks),
+        **runs.mask_results(pruned.masks),
         "rounds": rounds,
         "prune_seconds": prune_s,
         "retrain_seconds": finetune_s,

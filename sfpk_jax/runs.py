@@ -28,7 +28,7 @@ from sfpk_jax.config import (
 )
 from sfpk_jax.data import DATASETS, DataBundle, DatasetNotFoundError, Loader, load, particle_loader
 from sfpk_jax.data.pipeline import read_batch
-from sfpk_jax.masks import MaskLayout, apply_masks, path_to_str
+from sfpk_jax.masks import MaskLayout, apply_masks, density, path_to_str
 from sfpk_jax.models import build, registered
 from sfpk_jax.pruners import PRUNERS, prune
 from sfpk_jax.training import evaluate_batches, lr_schedule, make_loss_fn, train_epoch
@@ -317,6 +317,12 @@ def density_per_layer(masks) -> dict[str, float]:
     # None leaves (unpruned parameters) are empty subtrees, so they drop out here.
     return {path_to_str(path): float(np.mean(np.asarray(m) != 0))
             for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
+
+
+def mask_results(masks) -> dict[str, Any]:
+    """``density`` (overall), ``density_per_layer`` and ``mask_digest`` of final masks."""
+    return {"density": density(masks), "density_per_layer": density_per_layer(masks),
+            "mask_digest": mask_digest(masks)}
 
 
 def summarize(accs: list[float], last: int = 5) -> dict[str, float]:

@@ -194,9 +194,15 @@ def build_model(args: argparse.Namespace, bundle: DataBundle):
     return apply_fn, variables
 
 
-def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int) -> tuple[Loader, Loader]:
-    """Training (shuffled, augmented) and test (in order) loaders."""
-    train = Loader(bundle.train, args.batch_size, transform=bundle.train_transform, seed=seed)
+def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int,
+            accumulate: int = 1) -> tuple[Loader, Loader]:
+    """Training (shuffled, augmented) and test (in order) loaders.
+
+    With gradient accumulation the training loader yields micro-batches of
+    ``batch_size / accumulate``, so each optimizer step still sees ``batch_size``.
+    """
+    train = Loader(bundle.train, args.batch_size // accumulate, transform=bundle.train_transform,
+                   seed=seed)
     test = Loader(bundle.test, min(256, len(bundle.test)), transform=bundle.eval_transform,
                   seed=seed, shuffle=False, drop_last=False)
     return train, test
@@ -234,7 +240,7 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
     Returns:
       The trained variables and the list of per-epoch test accuracies.
     """
-    train, test = loaders(args, bundle, args.seed + seed_offset)
+    train, test = loaders(args, bundle, args.seed + seed_offset, accumulate)
     tx = optimizer(args, epochs, len(train), accumulate)
     if masks is not None:
         variables = {**variables, "params": apply_masks(variables["params"], masks)}

@@ -86,6 +86,22 @@ def test_iterative_carries_particles_across_rounds(tmp_path):
     assert results["density"] == pytest.approx(0.1, abs=1e-3)
 
 
+def test_iterative_accumulates_gradients(tmp_path):
+    out = tmp_path / "acc"
+    assert imagenet_iterative.main(["--dataset", "digits", "--model", "small_cnn", "--pruner",
+                                    "magnitude", "--pretrain-epochs", "1", "--accum-steps", "2",
+                                    "--out", str(out), *FAST]) == 0
+    assert _results(out)["density"] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_accumulation_must_divide_the_batch(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        imagenet_iterative.main(["--dataset", "digits", "--batch-size", "30", "--accum-steps", "4",
+                                 "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "--accum-steps" in capsys.readouterr().err
+
+
 def test_missing_dataset_stops_before_any_work(tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exc:

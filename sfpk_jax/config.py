@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from sfpk_jax.structure import MASK_DIMS
+
 SCHEDULES = ("exp", "lin", "ada_exp", "ada_lin")
 SPARSITY_FNS = ("l2", "l1")
 POLARIZERS = ("onehot", "onehot_soft", "identity", "quantile_sigmoid", "gauss_sigmoid")
@@ -43,6 +45,10 @@ class SFPKConfig:
       score: ``mp`` scores |m * theta|, ``m`` scores |m|.
       scope: ``global`` (one density over all prunable entries) or ``local``
         (every layer is pruned to the target density on its own).
+      mask_dim: None for unstructured masks, ``"out"`` or ``"in"`` for one
+        mask entry per output or input channel of every kernel. Channel
+        pruning is layer-wise (needs ``scope="local"``), and the target is
+        converted as the reference does: channel density = sqrt(1 - sparsity).
       particle_mode: how particles go through the model: ``loop`` (one jitted
         call per particle, dispatched asynchronously), ``vmap`` (all at once)
         or ``map`` (``lax.map`` in chunks of ``particle_chunk``).
@@ -67,6 +73,7 @@ class SFPKConfig:
     momentum: float = 0.1
     score: str = "mp"
     scope: str = "global"
+    mask_dim: str | None = None
     particle_mode: str = "loop"
     particle_chunk: int = 1
     early_stop: bool = True
@@ -87,6 +94,13 @@ class SFPKConfig:
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"SFPKConfig.{name}={value!r} is not one of {allowed}")
+        if self.mask_dim not in (None, *MASK_DIMS):
+            raise ValueError(f"SFPKConfig.mask_dim={self.mask_dim!r} is not one of None, {MASK_DIMS}")
+        if self.mask_dim is not None and self.scope != "local":
+            raise ValueError(
+                f"SFPKConfig.mask_dim={self.mask_dim!r} needs scope='local': channel pruning "
+                "is layer-wise, as in the reference"
+            )
         for name in ("steps", "particles", "particle_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

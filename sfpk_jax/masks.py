@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfpk_jax import structure
+
 PyTree = Any
 Prunable = Union[None, str, Callable[[str, Any], bool]]
 
@@ -97,15 +99,34 @@ class MaskLayout:
       index: positions of the prunable leaves among the flattened leaves.
       paths: their '/'-joined paths.
       shapes: the parameter shapes of the prunable leaves.
+      mask_shapes: the masks' shapes: the parameter shapes (unstructured) or
+        channel shapes that broadcast over the kernels (see
+        :mod:`sfpk_jax.structure`).
     """
 
     treedef: Any
     index: tuple[int, ...]
     paths: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
+    mask_shapes: tuple[tuple[int, ...], ...]
 
     @classmethod
-    def from_params(cls, params: PyTree, prunable: Prunable = None) -> "MaskLayout":
+    def from_params(
+        cls, params: PyTree, prunable: Prunable = None, mask_dim: str | None = None
+    ) -> "MaskLayout":
+        """The layout of ``params``.
+
+        Args:
+          params: the parameter pytree.
+          prunable: leaf selection (see :func:`select`).
+          mask_dim: None for unstructured masks, ``"out"`` or ``"in"`` for
+            one mask entry per output or input channel of every kernel.
+
+        Returns:
+          The layout.
+        """
+        if mask_dim not in (None, *structure.MASK_DIMS):
+            raise ValueError(f"mask_dim={mask_dim!r} is not one of None, {structure.MASK_DIMS}")
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         chosen = select(params, prunable)
         index = tuple(i for i, c in enumerate(chosen) if c)
@@ -116,20 +137,38 @@ class MaskLayout:
                 f"({paths}{', ...' if len(flat) > 8 else ''}); pass `prunable=` a regex "
                 "or callable that selects the weights to prune"
             )
+        paths = tuple(path_to_str(flat[i][0]) for i in index)
+        shapes = tuple(tuple(np.shape(flat[i][1])) for i in index)
         return cls(
             treedef=treedef,
             index=index,
-            paths=tuple(path_to_str(flat[i][0]) for i in index),
-            shapes=tuple(tuple(np.shape(flat[i][1])) for i in index),
+            paths=paths,
+            shapes=shapes,
+            mask_shapes=tuple(
+                structure.mask_shape(s, mask_dim, p.rpartition("/")[2] == "kernel" and len(s) >= 2)
+                for p, s in zip(paths, shapes)
+            ),
         )
 
     @property
     def sizes(self) -> tuple[int, ...]:
+        """Parameter entries per prunable leaf."""
         return tuple(int(np.prod(s)) for s in self.shapes)
 
     @property
     def total(self) -> int:
+        """D: all prunable parameter entries."""
         return sum(self.sizes)
+
+    @property
+    def mask_sizes(self) -> tuple[int, ...]:
+        """Mask entries per prunable leaf (channels, when structured)."""
+        return tuple(int(np.prod(s)) for s in self.mask_shapes)
+
+    @property
+    def node_sizes(self) -> tuple[int, ...]:
+        """Parameter entries each mask entry covers, per leaf (1 when unstructured)."""
+        return tuple(structure.node_size(p, m) for p, m in zip(self.shapes, self.mask_shapes))
 
     def gather(self, tree: PyTree) -> list:
         """The prunable leaves of a params or mask tree, in layout order."""
@@ -216,7 +255,7 @@ def count_prunable(params: PyTree, prunable: Prunable = None) -> int:
     return MaskLayout.from_params(params, prunable).total
 
 
-def ones_like_masks(params: PyTree, prunable: Prunable = None) -> PyTree:
+def ones_like_masks(params: PyTree, prunable: Prunable = None, mask_dim: str | None = None) -> PyTree:
     """The dense mask (all ones) for the prunable leaves of ``params``."""
-    layout = MaskLayout.from_params(params, prunable)
-    return layout.scatter([jnp.ones(s, jnp.float32) for s in layout.shapes])
+    layout = MaskLayout.from_params(params, prunable, mask_dim)
+    return layout.scatter([jnp.ones(s, jnp.float32) for s in layout.mask_shapes])

@@ -17,7 +17,7 @@ from jax.scipy.special import logit
 from jax.scipy.stats import norm
 
 from sfpk_jax import sparsity as sparsity_lib
-from sfpk_jax import thresholds
+from sfpk_jax import structure, thresholds
 
 EPS = 1e-12
 
@@ -35,13 +35,20 @@ def _straight_through_jvp(primals, tangents):
 
 
 def _context(mask, theta):
-    # Scores that decide which entries survive: |m * theta| (theta held fixed).
-    return [jnp.abs(m * jax.lax.stop_gradient(t)) for m, t in zip(mask, theta)]
+    # Scores that decide which entries survive: |m| times the |theta| each mask
+    # entry covers (theta held fixed); |m * theta| for unstructured masks.
+    return [jnp.abs(m) * structure.abs_weight(jax.lax.stop_gradient(t), m.shape)
+            for m, t in zip(mask, theta)]
+
+
+def _density(mask, theta, kind: str, scope: str):
+    node = [t.size // m.size for m, t in zip(mask, theta)]
+    return jax.lax.stop_gradient(sparsity_lib.sparsity(mask, kind, scope, node))
 
 
 def _binary(mask, theta, kind: str, scope: str):
-    """b = 1[|m theta| >= tau] and k, the number of entries G says to remove."""
-    density = jax.lax.stop_gradient(sparsity_lib.sparsity(mask, kind, scope))
+    """b = 1[|m theta| >= tau] and k, the number of mask entries G says to remove."""
+    density = _density(mask, theta, kind, scope)
     k = thresholds.counts([m.size for m in mask], density, scope)
     b = thresholds.at_or_above_kth(jax.lax.stop_gradient(_context(mask, theta)), k, scope)
     return b, k
@@ -88,7 +95,7 @@ def _sigmoid_band(mask, theta, lower, upper, eps):
 
 def quantile_sigmoid(mask, theta, *, kind, scope, eps, ratio):
     """Sigmoid between the (1-G)*ratio and (1-G) quantiles of |m theta| (``qt``)."""
-    g = jax.lax.stop_gradient(sparsity_lib.sparsity(mask, kind, scope))
+    g = _density(mask, theta, kind, scope)
     ctx = _context(mask, theta)
     if scope == "global":
         flat = jnp.concatenate([jnp.ravel(c) for c in ctx])
@@ -104,7 +111,7 @@ def quantile_sigmoid(mask, theta, *, kind, scope, eps, ratio):
 
 def gauss_sigmoid(mask, theta, *, kind, scope, eps, ratio):
     """Like ``quantile_sigmoid`` with Gaussian quantiles of |m theta| (``gau``)."""
-    g = jax.lax.stop_gradient(sparsity_lib.sparsity(mask, kind, scope))
+    g = _density(mask, theta, kind, scope)
     ctx = _context(mask, theta)
 
     def band(values, density):

@@ -16,12 +16,28 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from sfpk_jax import structure
+
 EPS = 1e-12
 
 
-def _weights(theta: Sequence[jax.Array], weighted: bool) -> list[jax.Array]:
-    # A leading axis of 1 so the weights broadcast over the particle axis.
-    return [(jnp.abs(t) if weighted else jnp.ones_like(t))[None] for t in theta]
+def _weights(particles, theta, weighted: bool):
+    """w (for S) and w^2 summed over the entries each mask entry covers.
+
+    A leading axis of 1 lets them broadcast over the particle axis. Unweighted,
+    both are the node size; unstructured and weighted, |theta| and theta^2.
+    """
+    w, w2 = [], []
+    for m, t in zip(particles, theta):
+        shape = m.shape[1:]
+        if weighted:
+            w.append(structure.abs_weight(t, shape)[None])
+            w2.append(structure.sq_weight(t, shape)[None])
+        else:
+            node = jnp.full((1, *shape), t.size // m[0].size, m.dtype)
+            w.append(node)
+            w2.append(node)
+    return w, w2
 
 
 def _particle(m: jax.Array, j) -> jax.Array:
@@ -65,13 +81,12 @@ def repulsion(
     Returns:
       K of shape (n,) and grad K as a list shaped like ``particles``.
     """
-    w = _weights(theta, weighted)
+    w, sq_w = _weights(particles, theta, weighted)
     n = particles[0].shape[0]
     strength = jnp.stack([_per_particle_sum(jnp.square(m) * wl) for m, wl in zip(particles, w)]).sum(0)
     scale = jnp.sqrt(strength[:, None] * strength[None, :] + EPS)
     pairs = list(zip(particles, w))
     if mode == "exp":
-        sq_w = [jnp.square(wl) for wl in w]
         dist = _pairwise(
             list(zip(particles, sq_w)), lambda m, w2, mj: w2 * jnp.square(m - mj)
         )

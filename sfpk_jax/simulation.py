@@ -10,6 +10,7 @@ keeps the top (1 - sparsity) fraction of the scores.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -21,7 +22,7 @@ from tqdm.auto import tqdm
 from sfpk_jax import direction as direction_lib
 from sfpk_jax import energy as energy_lib
 from sfpk_jax import repulsion as repulsion_lib
-from sfpk_jax import schedules
+from sfpk_jax import schedules, structure
 from sfpk_jax import sparsity as sparsity_lib
 from sfpk_jax import thresholds
 from sfpk_jax import voting
@@ -112,8 +113,9 @@ def sfpk_update(
     """
     scope = config.scope
     particles = state.particles
+    node = [t.size // m[0].size for m, t in zip(particles, theta)]
     density, g = _per_particle(
-        lambda *m: sparsity_lib.sparsity_and_descent(list(m), config.sparsity_fn, scope),
+        lambda *m: sparsity_lib.sparsity_and_descent(list(m), config.sparsity_fn, scope, node),
         *particles,
     )
     k_value, k_grad = repulsion_lib.repulsion(
@@ -261,20 +263,20 @@ def initial_state(
     # float32, or float64 under jax_enable_x64 (for exact comparisons).
     dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     if init is None:
-        particles = [jnp.ones((n,) + s, dtype) for s in layout.shapes]
-        scores = [jnp.zeros(s, dtype) for s in layout.shapes]
+        particles = [jnp.ones((n,) + s, dtype) for s in layout.mask_shapes]
+        scores = [jnp.zeros(s, dtype) for s in layout.mask_shapes]
     else:
         # Copies: the step donates its state, and the caller's result must survive.
         particles = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.particles)]
         scores = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.scores)]
-        for path, shape, p in zip(layout.paths, layout.shapes, particles):
+        for path, shape, p in zip(layout.paths, layout.mask_shapes, particles):
             if p.shape != (n,) + shape:
                 raise ValueError(
                     f"init particles for {path} have shape {p.shape}, expected {(n,) + shape}: "
                     "resume with the same params tree and number of particles"
                 )
     density = jax.vmap(
-        lambda *m: sparsity_lib.sparsity(list(m), config.sparsity_fn, config.scope)
+        lambda *m: sparsity_lib.sparsity(list(m), config.sparsity_fn, config.scope, layout.node_sizes)
     )(*particles)
     return SFPKState(particles, scores, jnp.int32(0), jnp.mean(density, axis=0))
 
@@ -313,10 +315,14 @@ def sfpk_prune(
     sparsity = check_sparsity(sparsity)
     if not isinstance(config, SFPKConfig):
         raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
-    layout = MaskLayout.from_params(params, prunable)
+    layout = MaskLayout.from_params(params, prunable, config.mask_dim)
     theta = layout.gather(params)
     _check_finite(layout, theta)
-    target = 1.0 - sparsity
+    # Channel masks: the reference prunes every layer's channels to
+    # sqrt(density), since removing output channels of one layer also removes
+    # the input channels of the next.
+    mask_sparsity = sparsity if config.mask_dim is None else 1.0 - math.sqrt(1.0 - sparsity)
+    target = 1.0 - mask_sparsity
     state = initial_state(layout, params, config, init)
     start = np.asarray(state.start)
     if np.any(start <= target):
@@ -347,8 +353,11 @@ def sfpk_prune(
         if config.early_stop and mean_g <= target:
             break
     bar.close()
-    remove = thresholds.remove_counts(layout.sizes, sparsity, config.scope)
-    final = [jnp.where(t != 0, s, 0.0) for s, t in zip(state.scores, theta)]
+    remove = thresholds.remove_counts(layout.mask_sizes, mask_sparsity, config.scope)
+    final = [
+        jnp.where(structure.abs_weight(t, s.shape) != 0, s, 0.0)
+        for s, t in zip(state.scores, theta)
+    ]
     masks = thresholds.topk_mask(final, remove, config.scope, key)
     return SFPKResult(
         masks=layout.scatter(masks),

@@ -15,37 +15,55 @@ import jax.numpy as jnp
 EPS = 1e-12
 
 
-def _layer_power_sums(mask: Sequence[jax.Array], kind: str) -> jax.Array:
+def _layer_power_sums(mask: Sequence[jax.Array], kind: str, node: Sequence[int]) -> jax.Array:
+    # Each mask entry counts once per parameter entry it covers (its node size).
     if kind == "l2":
-        return jnp.stack([jnp.sum(jnp.square(m)) for m in mask])
-    return jnp.stack([jnp.sum(jnp.abs(m)) for m in mask])
+        return jnp.stack([n * jnp.sum(jnp.square(m)) for m, n in zip(mask, node)])
+    return jnp.stack([n * jnp.sum(jnp.abs(m)) for m, n in zip(mask, node)])
 
 
-def global_sparsity(mask: Sequence[jax.Array], kind: str) -> jax.Array:
-    """G over all prunable entries of one particle (scalar)."""
-    total = sum(m.size for m in mask)
-    s = jnp.sum(_layer_power_sums(mask, kind))
+def _nodes(mask, node):
+    return (1,) * len(mask) if node is None else tuple(node)
+
+
+def global_sparsity(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | None = None) -> jax.Array:
+    """G over all prunable entries of one particle (scalar).
+
+    Args:
+      mask: the particle's mask leaves.
+      kind: ``l2`` or ``l1``.
+      node: parameter entries covered by one mask entry, per leaf (channel
+        masks); None for unstructured masks.
+    """
+    node = _nodes(mask, node)
+    total = sum(m.size * n for m, n in zip(mask, node))
+    s = jnp.sum(_layer_power_sums(mask, kind, node))
     if kind == "l2":
         return jnp.sqrt(s + EPS) / jnp.sqrt(float(total))
     return s / total
 
 
-def layer_sparsity(mask: Sequence[jax.Array], kind: str) -> jax.Array:
+def layer_sparsity(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | None = None) -> jax.Array:
     """G_l for every layer of one particle, shape (L,)."""
-    sizes = jnp.asarray([m.size for m in mask], mask[0].dtype)
-    s = _layer_power_sums(mask, kind)
+    node = _nodes(mask, node)
+    sizes = jnp.asarray([m.size * n for m, n in zip(mask, node)], mask[0].dtype)
+    s = _layer_power_sums(mask, kind, node)
     if kind == "l2":
         return jnp.sqrt(s + EPS) / jnp.sqrt(sizes)
     return s / sizes
 
 
-def sparsity(mask: Sequence[jax.Array], kind: str, scope: str) -> jax.Array:
+def sparsity(
+    mask: Sequence[jax.Array], kind: str, scope: str, node: Sequence[int] | None = None
+) -> jax.Array:
     """G in the given scope: a scalar (global) or one value per layer (local)."""
-    return global_sparsity(mask, kind) if scope == "global" else layer_sparsity(mask, kind)
+    if scope == "global":
+        return global_sparsity(mask, kind, node)
+    return layer_sparsity(mask, kind, node)
 
 
 def sparsity_and_descent(
-    mask: Sequence[jax.Array], kind: str, scope: str
+    mask: Sequence[jax.Array], kind: str, scope: str, node: Sequence[int] | None = None
 ) -> tuple[jax.Array, list[jax.Array]]:
     """G and g = -grad G for one particle.
 
@@ -53,7 +71,7 @@ def sparsity_and_descent(
     gradient of that layer's own G_l, which is what the per-layer step needs.
     """
     def total(m):
-        g = sparsity(m, kind, scope)
+        g = sparsity(m, kind, scope, node)
         return jnp.sum(g), g
 
     grad, g_value = jax.grad(total, has_aux=True)(list(mask))

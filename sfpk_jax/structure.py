@@ -1,0 +1,58 @@
+"""Channel (structured) masks: one mask entry covers a whole channel of a kernel.
+
+A channel mask keeps the kernel's rank with size 1 on every axis it spans, so
+it broadcasts over the kernel: Flax kernels are (..., in, out), an output
+channel mask is (1, ..., 1, out) and an input channel mask (1, ..., in, 1).
+The SFPK quantities then live on mask entries, each standing for the kernel
+entries it covers: its node size, its summed |theta| and its summed theta^2.
+For unstructured masks every one of these reduces to the entry itself.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+MASK_DIMS = ("out", "in")
+
+
+def mask_shape(shape: tuple[int, ...], mask_dim: str | None, channel_masked: bool) -> tuple[int, ...]:
+    """The mask shape of a parameter of ``shape``.
+
+    Args:
+      shape: the parameter's shape.
+      mask_dim: None (unstructured), ``"out"`` or ``"in"`` channels.
+      channel_masked: whether this leaf is a kernel (rank >= 2) that takes a
+        channel mask; other prunable leaves (dense biases) stay unstructured.
+
+    Returns:
+      The broadcastable mask shape.
+    """
+    if mask_dim is None or not channel_masked:
+        return tuple(shape)
+    axis = len(shape) - 1 if mask_dim == "out" else len(shape) - 2
+    return tuple(d if i == axis else 1 for i, d in enumerate(shape))
+
+
+def covered_sum(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Sums ``x`` (parameter-shaped) over the axes a mask of ``shape`` broadcasts across."""
+    axes = tuple(i for i, (a, b) in enumerate(zip(x.shape, shape)) if b == 1 and a != 1)
+    return jnp.sum(x, axis=axes, keepdims=True) if axes else x
+
+
+def abs_weight(theta: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """sum |theta| over the entries each mask entry covers (|theta| when unstructured)."""
+    return covered_sum(jnp.abs(theta), shape)
+
+
+def sq_weight(theta: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """sum theta^2 over the entries each mask entry covers."""
+    return covered_sum(jnp.square(theta), shape)
+
+
+def node_size(param_shape: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """How many parameter entries one mask entry covers."""
+    size = 1
+    for a, b in zip(param_shape, shape):
+        size *= a // b
+    return size

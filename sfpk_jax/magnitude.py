@@ -6,10 +6,13 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sfpk_jax import thresholds
-from sfpk_jax.config import SCOPES
+from sfpk_jax.baselines import _masks_from_scores, alive_weights
 from sfpk_jax.masks import MaskLayout, Prunable
-from sfpk_jax.simulation import check_sparsity
+
+
+def magnitude_scores(layout: MaskLayout, params: Any) -> list:
+    """|theta| per prunable leaf (the official ``Mag``: ``w.abs()``, top kept)."""
+    return [jnp.abs(t) for t in layout.gather(params)]
 
 
 def magnitude_prune(
@@ -26,12 +29,11 @@ def magnitude_prune(
 
     Returns:
       A mask tree mirroring ``params`` (None where not pruned); the kept
-      count is exact, as for SFPK.
+      count is exact, as for SFPK (ties go by position; zero weights are
+      never kept).
     """
-    sparsity = check_sparsity(sparsity)
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
     layout = MaskLayout.from_params(params, prunable)
-    scores = [jnp.abs(t) for t in layout.gather(params)]
-    remove = thresholds.remove_counts(layout.sizes, sparsity, scope)
-    return layout.scatter(thresholds.topk_mask(scores, remove, scope))
+    return _masks_from_scores(
+        layout, magnitude_scores(layout, params), sparsity, scope, None,
+        alive_weights(layout, params),
+    )

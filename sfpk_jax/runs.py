@@ -286,15 +286,22 @@ def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None
                 seed_offset: int = 0) -> Pruned:
     """Runs ``--pruner`` on the dense (or fine-tuned) model."""
     loss_fn = make_loss_fn(apply_fn, variables)
+    method = args.pruner
+    options: dict[str, Any] = {}
+    if method in ("sfpk", "spode"):
+        options = {"config": sfpk_config(args), "init": init}
+    if method in ("grasp", "synflow"):
+        # Training mode, as the official code runs both (batch statistics).
+        options["logits_fn"] = lambda p, x: apply_fn({**variables, "params": p}, x, True)[0]
+    if method == "synflow":
+        options["input_shape"] = bundle.image_shape
     batches = None
-    options = {}
-    if args.pruner in ("sfpk", "spode"):
-        particles = 1 if args.pruner == "spode" else args.particles
+    if method in ("sfpk", "spode", "snip", "grasp"):
+        particles = args.particles if method == "sfpk" else 1
         batches = particle_loader(bundle.train, particles, args.prune_batch_size,
                                   transform=bundle.train_transform, seed=args.seed + seed_offset)
-        options = {"config": sfpk_config(args), "init": init}
     t0 = time.perf_counter()
-    result = prune(args.pruner, loss_fn, variables["params"], batches, sparsity,
+    result = prune(method, loss_fn, variables["params"], batches, sparsity,
                    scope=args.scope, key=jax.random.key(args.seed), **options)
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
     return Pruned(result.masks, result, time.perf_counter() - t0)

@@ -1,0 +1,125 @@
+"""Every pruner at several sparsities and seeds, right after pruning and after a short retraining.
+
+    python -m benchmarks.compare_pruners --out runs/compare
+
+Defaults run on the embedded digits (small_cnn; offline, CPU). The same script
+runs the paper's comparison on a GPU box, e.g.
+``--dataset cifar100 --model resnet20 --data-dir ~/data --pretrain-epochs 160
+--retrain-epochs 100 --prune-batch-size 512``. Writes ``results.json`` (one
+record per pruner, sparsity and seed), ``summary.json`` and ``table.md``
+(mean +- std over seeds) and ``accuracy_vs_sparsity.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import numpy as np
+
+from sfpk_jax import io, plotting, runs
+from sfpk_jax.pruners import PRUNERS
+from sfpk_jax.training import evaluate_batches
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.compare_pruners", description=__doc__.splitlines()[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    runs.add_common_flags(parser, dataset="digits", model="small_cnn", prune_batch_size=128,
+                          pretrain_epochs=40, epochs=5)
+    runs.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=0)
+    g = parser.add_argument_group("comparison")
+    g.add_argument("--pruners", default=",".join(PRUNERS), help="comma-separated pruner names")
+    g.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
+    g.add_argument("--seeds", default="0,1,2")
+    g.add_argument("--pretrain-lr", type=float, default=0.05, help="dense training learning rate")
+    args = runs.finish_args(parser, argv)
+    args.pruners = args.pruners.split(",")
+    unknown = [p for p in args.pruners if p not in PRUNERS]
+    if unknown:
+        parser.error(f"--pruners: unknown {unknown}; choose from {', '.join(PRUNERS)}")
+    try:
+        args.sparsities = [float(s) for s in args.sparsities.split(",")]
+        args.seeds = [int(s) for s in args.seeds.split(",")]
+    except ValueError as err:
+        parser.error(f"--sparsities/--seeds: {err}")
+    if not all(0.0 < s < 1.0 for s in args.sparsities):
+        parser.error(f"--sparsities={args.sparsities} must all lie in (0, 1)")
+    return args
+
+
+def dense_model(args, bundle, metrics):
+    apply_fn, variables = runs.build_model(args, bundle)
+    recipe = argparse.Namespace(**{**vars(args), "lr": args.pretrain_lr, "momentum": 0.9,
+                                   "weight_decay": 5e-4})
+    variables, _ = runs.fit(apply_fn, variables, recipe, bundle, epochs=args.pretrain_epochs,
+                            metrics=metrics, phase=f"dense seed {args.seed}", seed_offset=1000)
+    return apply_fn, variables
+
+
+def aggregate(records):
+    rows = []
+    for pruner in dict.fromkeys(r["pruner"] for r in records):
+        for sparsity in dict.fromkeys(r["sparsity"] for r in records):
+            group = [r for r in records if r["pruner"] == pruner and r["sparsity"] == sparsity]
+            row = {"pruner": pruner, "sparsity": sparsity, "seeds": len(group)}
+            for key in ("acc_pruned", "acc_retrained", "prune_seconds"):
+                values = [r[key] for r in group]
+                row[key], row[f"{key}_std"] = float(np.mean(values)), float(np.std(values))
+            rows.append(row)
+    return rows
+
+
+def markdown(rows, dense_accs) -> str:
+    lines = [f"Dense accuracy: {np.mean(dense_accs):.4f} ± {np.std(dense_accs):.4f}", "",
+             "| pruner | sparsity | acc. after pruning | acc. after retraining | prune s |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['pruner']} | {100 * r['sparsity']:g}% | {r['acc_pruned']:.4f} ± "
+                     f"{r['acc_pruned_std']:.4f} | {r['acc_retrained']:.4f} ± "
+                     f"{r['acc_retrained_std']:.4f} | {r['prune_seconds']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    bundle = runs.open_data(args)
+    out = runs.start(args)
+    metrics = runs.Metrics(out / "metrics.csv")
+    records, dense_accs = [], []
+    start = time.perf_counter()
+    for seed in args.seeds:
+        args.seed = seed
+        apply_fn, dense = dense_model(args, bundle, metrics)
+        _, test = runs.loaders(args, bundle, seed)
+        dense_accs.append(evaluate_batches(apply_fn, dense, test.epoch(0)))
+        for sparsity in args.sparsities:
+            for pruner in args.pruners:
+                args.pruner = pruner
+                pruned = runs.prune_model(args, bundle, apply_fn, dense, sparsity)
+                masked = runs.recompute_bn(args, bundle, apply_fn, dense, pruned.masks)
+                acc_pruned = evaluate_batches(apply_fn, masked, test.epoch(0))
+                _, accs = runs.fit(apply_fn, masked, args, bundle, epochs=args.epochs,
+                                   masks=pruned.masks, metrics=metrics,
+                                   phase=f"{pruner} {sparsity:g} seed {seed}")
+                records.append({"pruner": pruner, "sparsity": sparsity, "seed": seed,
+                                "acc_pruned": acc_pruned, "acc_retrained": accs[-1],
+                                "prune_seconds": pruned.seconds, **runs.mask_results(pruned.masks)})
+                print(f"seed {seed} {pruner:<9} {sparsity:5.2%}: pruned {acc_pruned:.4f}, "
+                      f"retrained {accs[-1]:.4f}", flush=True)
+    rows = aggregate(records)
+    table = markdown(rows, dense_accs)
+    plotting.accuracy_vs_sparsity(rows, str(out / "accuracy_vs_sparsity.png"), float(np.mean(dense_accs)))
+    io.write_text(out / "table.md", table)
+    io.write_json(out / "summary.json", {"dense_acc": dense_accs, "rows": rows,
+                                         "seconds": time.perf_counter() - start})
+    io.write_json(out / "results.json", records)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

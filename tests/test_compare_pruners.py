@@ -1,0 +1,34 @@
+"""The pruner comparison benchmark runs end to end at smoke size (so it doesn't rot)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks import compare_pruners
+
+
+def test_compare_pruners_smoke(tmp_path):
+    out = tmp_path / "cmp"
+    assert compare_pruners.main(["--out", str(out), "--smoke", "--sparsities", "0.9,0.95",
+                                 "--seeds", "0,1", "--pruners", "sfpk,magnitude,snip,synflow",
+                                 "--no-progress"]) == 0
+    records = json.loads((out / "results.json").read_text())
+    assert len(records) == 2 * 2 * 4
+    summary = json.loads((out / "summary.json").read_text())
+    assert {(r["pruner"], r["sparsity"]) for r in summary["rows"]} == {
+        (p, s) for p in ("sfpk", "magnitude", "snip", "synflow") for s in (0.9, 0.95)}
+    assert all(r["seeds"] == 2 for r in summary["rows"])
+    for r in records:
+        assert r["density"] == pytest.approx(1 - r["sparsity"], abs=2e-3)
+    table = (out / "table.md").read_text()
+    assert "| sfpk | 95% |" in table
+    assert (out / "accuracy_vs_sparsity.png").stat().st_size > 0
+
+
+def test_compare_pruners_rejects_unknown_pruner(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare_pruners.main(["--out", str(tmp_path / "x"), "--pruners", "sfpk,oracle"])
+    assert exc.value.code == 2
+    assert "oracle" in capsys.readouterr().err

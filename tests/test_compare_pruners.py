@@ -12,13 +12,14 @@ from benchmarks import compare_pruners
 def test_compare_pruners_smoke(tmp_path):
     out = tmp_path / "cmp"
     assert compare_pruners.main(["--out", str(out), "--smoke", "--sparsities", "0.9,0.95",
-                                 "--seeds", "0,1", "--pruners", "sfpk,magnitude,snip,synflow",
+                                 "--seeds", "0,1", "--pruners", "sfpk,snip",
+                                 "--pretrain-epochs", "1",
                                  "--no-progress"]) == 0
     records = json.loads((out / "results.json").read_text())
-    assert len(records) == 2 * 2 * 4
+    assert len(records) == 2 * 2 * 2
     summary = json.loads((out / "summary.json").read_text())
     assert {(r["pruner"], r["sparsity"]) for r in summary["rows"]} == {
-        (p, s) for p in ("sfpk", "magnitude", "snip", "synflow") for s in (0.9, 0.95)}
+        (p, s) for p in ("sfpk", "snip") for s in (0.9, 0.95)}
     assert all(r["seeds"] == 2 for r in summary["rows"])
     for r in records:
         assert r["density"] == pytest.approx(1 - r["sparsity"], abs=2e-3)

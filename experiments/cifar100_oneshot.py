@@ -31,10 +31,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle = runs.open_data(args)
-    out = runs.start(args)
-    metrics = runs.Metrics(out / "metrics.csv")
-    apply_fn, variables = runs.build_model(args, bundle)
+    bundle, out, metrics, apply_fn, variables = runs.setup(args)
     dense = runs.dense_model(args, bundle, apply_fn, variables, out, metrics)
     _, test = runs.loaders(args, bundle, args.seed)
     dense_acc = evaluate_batches(apply_fn, dense, test.epoch(0))

@@ -51,10 +51,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle = runs.open_data(args)
-    out = runs.start(args)
-    metrics = runs.Metrics(out / "metrics.csv")
-    apply_fn, variables = runs.build_model(args, bundle)
+    bundle, out, metrics, apply_fn, variables = runs.setup(args)
     if args.pretrained_weights:
         try:
             variables = load_pretrained(args.model, variables, args.pretrained_weights)

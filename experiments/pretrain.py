@@ -29,10 +29,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle = runs.open_data(args)
-    out = runs.start(args)
-    metrics = runs.Metrics(out / "metrics.csv")
-    apply_fn, variables = runs.build_model(args, bundle)
+    bundle, out, metrics, apply_fn, variables = runs.setup(args)
     t0 = time.perf_counter()
     variables, accs = runs.fit(apply_fn, variables, args, bundle, epochs=args.epochs,
                                metrics=metrics, phase="pretrain")

@@ -194,6 +194,26 @@ def build_model(args: argparse.Namespace, bundle: DataBundle):
     return apply_fn, variables
 
 
+class Setup(NamedTuple):
+    bundle: DataBundle
+    out: Path
+    metrics: "Metrics"
+    apply_fn: Any
+    variables: dict
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """Data, output folder (config.json written), metrics file and fresh model, in that order.
+
+    The data comes first so a missing dataset stops the run before anything
+    is written.
+    """
+    bundle = open_data(args)
+    out = start(args)
+    apply_fn, variables = build_model(args, bundle)
+    return Setup(bundle, out, Metrics(out / "metrics.csv"), apply_fn, variables)
+
+
 def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int,
             accumulate: int = 1) -> tuple[Loader, Loader]:
     """Training (shuffled, augmented) and test (in order) loaders.

@@ -48,24 +48,18 @@ GRASP_EPS = 1e-10  # official GraSP: scores / (|sum| + 1e-10)
 def _positive_keys(scores: Sequence[jax.Array], alive: Sequence[jax.Array]) -> list[jax.Array]:
     """Order-preserving map of real scores to unsigned keys >= 1 (0 where not alive).
 
-    The float bit pattern, with the sign bit flipped for non-negative values
-    and all bits flipped for negative ones, sorts as the float does (O(D), no
-    sort); equal scores get equal keys (-0 counts as 0), so ties stay ties for
-    the top-k to break by key or position. :func:`thresholds.topk_mask` never
-    keeps a score <= 0; the keys let signed scores (random, GraSP) and zero
-    scores of live weights (SNIP, SynFlow) compete, while dead weights still
-    cannot come back. float64 scores keep 64-bit keys; narrower floats are
-    compared exactly as float32.
+    :func:`thresholds.topk_mask` never keeps a score <= 0; the keys let signed
+    scores (random, GraSP) and zero scores of live weights (SNIP, SynFlow)
+    compete, while dead weights still cannot come back. Equal scores get
+    equal keys (-0 counts as 0), so ties stay ties for the top-k to break.
     """
     wide = any(jnp.dtype(s.dtype) == jnp.float64 for s in scores)
-    ftype, utype = (jnp.float64, jnp.uint64) if wide else (jnp.float32, jnp.uint32)
-    sign = utype(1 << (63 if wide else 31))
+    ftype = jnp.float64 if wide else jnp.float32
     out = []
     for s, a in zip(scores, alive):
         value = s.astype(ftype)
-        bits = jax.lax.bitcast_convert_type(jnp.where(value == 0, ftype(0), value), utype)
-        keys = jnp.where((bits & sign) != 0, ~bits, bits | sign)
-        out.append(jnp.where(a, keys, utype(0)))
+        keys = thresholds.ordered_keys(jnp.where(value == 0, ftype(0), value))
+        out.append(jnp.where(a, keys, jnp.zeros_like(keys)))
     return out
 
 

@@ -26,7 +26,7 @@ def _bit_layout(dtype) -> tuple:
     return jnp.float32, jnp.uint32, 32
 
 
-def _ordered_bits(values: jax.Array) -> jax.Array:
+def ordered_keys(values: jax.Array) -> jax.Array:
     """Unsigned keys whose integer order is the float order of ``values``."""
     ftype, utype, width = _bit_layout(values.dtype)
     bits = jax.lax.bitcast_convert_type(values.astype(ftype), utype)
@@ -34,7 +34,7 @@ def _ordered_bits(values: jax.Array) -> jax.Array:
     return jnp.where((bits & sign) != 0, ~bits, bits | sign)
 
 
-def _from_ordered_bits(keys: jax.Array, dtype) -> jax.Array:
+def _from_ordered_keys(keys: jax.Array, dtype) -> jax.Array:
     ftype, utype, width = _bit_layout(dtype)
     sign = utype(1 << (width - 1))
     bits = jnp.where((keys & sign) != 0, keys & ~sign, ~keys)
@@ -48,7 +48,7 @@ def kth_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
     O(32 D) instead of a sort, which XLA runs slowly on CPU.
     """
     k = jnp.clip(k, 1, values.size).astype(jnp.int32)
-    keys = _ordered_bits(values)
+    keys = ordered_keys(values)
     _, utype, width = _bit_layout(values.dtype)
 
     def halve(_, bounds):
@@ -58,7 +58,7 @@ def kth_smallest(values: jax.Array, k: jax.Array) -> jax.Array:
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
     lo, _ = jax.lax.fori_loop(0, width, halve, (utype(0), ~utype(0)))
-    return _from_ordered_bits(lo, values.dtype)
+    return _from_ordered_keys(lo, values.dtype)
 
 
 def counts(sizes: Sequence[int], density: jax.Array, scope: str) -> jax.Array:

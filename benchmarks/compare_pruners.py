@@ -107,7 +107,7 @@ def main(argv=None) -> int:
                                    phase=f"{pruner} {sparsity:g} seed {seed}")
                 records.append({"pruner": pruner, "sparsity": sparsity, "seed": seed,
                                 "acc_pruned": acc_pruned, "acc_retrained": accs[-1],
-                                "prune_seconds": pruned.seconds, **runs.mask_results(pruned.masks)})
+                                "prune_seconds": pruned.seconds, **runs.mask_results(pruned.masks, dense["params"])})
                 print(f"seed {seed} {pruner:<9} {sparsity:5.2%}: pruned {acc_pruned:.4f}, "
                       f"retrained {accs[-1]:.4f}", flush=True)
     rows = aggregate(records)

@@ -55,7 +55,7 @@ def main(argv=None) -> int:
         "acc_pruned": acc_pruned,
         "pruner": args.pruner,
         "sparsity": args.sparsity,
-        **runs.mask_results(pruned.masks),
+        **runs.mask_results(pruned.masks, dense["params"]),
         "prune_seconds": pruned.seconds,
         "retrain_seconds": retrain_s,
     }

@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         "dense_acc": dense_acc,
         "pruner": args.pruner,
         "sparsity": args.sparsity,
-        **runs.mask_results(pruned.masks),
+        **runs.mask_results(pruned.masks, variables["params"]),
         "rounds": rounds,
         "prune_seconds": prune_s,
         "retrain_seconds": finetune_s,

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfpk_jax import thresholds
+from sfpk_jax import structure, thresholds
 from sfpk_jax.config import SCOPES
 from sfpk_jax.masks import MaskLayout, path_to_str
 from sfpk_jax.simulation import check_sparsity
@@ -101,7 +101,16 @@ def _masks_from_scores(
             )
     if alive is None:
         alive = [jnp.ones(s.shape, bool) for s in scores]
-    remove = thresholds.remove_counts(layout.sizes, sparsity, scope)
+    sizes = layout.sizes
+    if structure.is_structured(layout.mask_shapes, layout.shapes):
+        if scope != "local":
+            raise ValueError("channel masks need scope='local': channel pruning is layer-wise")
+        # A channel scores the sum of its entries' scores and lives while any entry does.
+        scores = [structure.covered_sum(s, m) for s, m in zip(scores, layout.mask_shapes)]
+        alive = [structure.covered_sum(a.astype(jnp.int32), m) > 0
+                 for a, m in zip(alive, layout.mask_shapes)]
+        sparsity, sizes = structure.mask_sparsity(sparsity, True), layout.mask_sizes
+    remove = thresholds.remove_counts(sizes, sparsity, scope)
     keys = _positive_keys(scores, alive)
     return layout.scatter(thresholds.topk_mask(keys, remove, scope, key))
 

@@ -16,7 +16,11 @@ def magnitude_scores(layout: MaskLayout, params: Any) -> list:
 
 
 def magnitude_prune(
-    params: Any, sparsity: float, prunable: Prunable = None, scope: str = "global"
+    params: Any,
+    sparsity: float,
+    prunable: Prunable = None,
+    scope: str = "global",
+    mask_dim: str | None = None,
 ) -> Any:
     """0/1 masks keeping the ``1 - sparsity`` fraction of largest |theta|.
 
@@ -26,13 +30,15 @@ def magnitude_prune(
       prunable: leaf selection, as in :func:`sfpk_jax.sfpk_prune`.
       scope: ``global`` (one threshold over all layers) or ``local`` (every
         layer keeps the same fraction).
+      mask_dim: None, or ``"out"`` / ``"in"`` to remove whole channels (with
+        ``scope="local"``): a channel scores its summed |theta|.
 
     Returns:
       A mask tree mirroring ``params`` (None where not pruned); the kept
       count is exact, as for SFPK (ties go by position; zero weights are
       never kept).
     """
-    layout = MaskLayout.from_params(params, prunable)
+    layout = MaskLayout.from_params(params, prunable, mask_dim)
     return _masks_from_scores(
         layout, magnitude_scores(layout, params), sparsity, scope, None,
         alive_weights(layout, params),

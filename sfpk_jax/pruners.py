@@ -21,9 +21,11 @@ class PruneResult(NamedTuple):
     masks: Any
 
 
-def _sfpk(loss_fn, params, batches, sparsity, *, prunable, scope, key, config=None, init=None):
+def _sfpk(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, config=None,
+          init=None):
     """SFPK (Mo, Shi & Pan, ICLR 2025), the spec's defaults unless ``config`` says otherwise."""
-    config = (config or SFPKConfig()).replace(scope=scope)
+    config = config or SFPKConfig()
+    config = config.replace(scope=scope, mask_dim=mask_dim or config.mask_dim)
     return sfpk_prune(loss_fn, params, batches, sparsity, config, prunable, key, init)
 
 
@@ -33,10 +35,10 @@ def _spode(loss_fn, params, batches, sparsity, *, config=None, **kwargs):
     return _sfpk(loss_fn, params, batches, sparsity, config=config, **kwargs)
 
 
-def _magnitude(loss_fn, params, batches, sparsity, *, prunable, scope, key):
+def _magnitude(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim):
     """Global (or layer-wise) magnitude pruning; ignores the data."""
     del loss_fn, batches, key
-    return PruneResult(magnitude_prune(params, sparsity, prunable, scope))
+    return PruneResult(magnitude_prune(params, sparsity, prunable, scope, mask_dim))
 
 
 def _require(method: str, name: str, value: Any, what: str) -> None:
@@ -44,32 +46,32 @@ def _require(method: str, name: str, value: Any, what: str) -> None:
         raise ValueError(f"{method} needs the option {name}=...: {what}")
 
 
-def _random(loss_fn, params, batches, sparsity, *, prunable, scope, key):
+def _random(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim):
     """Random scores (the official ``Randn``); ``key`` is required, data ignored."""
     del loss_fn, batches
     _require("random", "key", key, "a PRNG key, e.g. key=jax.random.key(0)")
-    layout = MaskLayout.from_params(params, prunable)
+    layout = MaskLayout.from_params(params, prunable, mask_dim)
     scores = baselines.random_scores(layout, params, key)
     return PruneResult(baselines._masks_from_scores(
         layout, scores, sparsity, scope, None, baselines.alive_weights(layout, params)))
 
 
-def _snip(loss_fn, params, batches, sparsity, *, prunable, scope, key, num_batches=1):
+def _snip(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, num_batches=1):
     """SNIP (Lee et al., ICLR 2019): |dL/dm| over ``num_batches`` batches (all particle slices)."""
-    layout = MaskLayout.from_params(params, prunable)
+    layout = MaskLayout.from_params(params, prunable, mask_dim)
     scores = baselines.snip_scores(loss_fn, params, layout, batches, num_batches)
     return PruneResult(baselines._masks_from_scores(
         layout, scores, sparsity, scope, key, baselines.alive_weights(layout, params)))
 
 
-def _grasp(loss_fn, params, batches, sparsity, *, prunable, scope, key, logits_fn=None,
+def _grasp(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, logits_fn=None,
            num_batches=1, temperature=baselines.GRASP_TEMPERATURE, input_key="image",
            label_key="label"):
     """GraSP (Wang et al., ICLR 2020): keeps the largest theta * Hg (official sign)."""
     del loss_fn
     _require("grasp", "logits_fn", logits_fn,
              "the model's logits_fn(params, x) -> logits (GraSP divides the logits by T=200)")
-    layout = MaskLayout.from_params(params, prunable)
+    layout = MaskLayout.from_params(params, prunable, mask_dim)
     scores = baselines.grasp_scores(logits_fn, params, layout, batches, num_batches,
                                     temperature=temperature, input_key=input_key,
                                     label_key=label_key)
@@ -77,7 +79,7 @@ def _grasp(loss_fn, params, batches, sparsity, *, prunable, scope, key, logits_f
         layout, scores, sparsity, scope, key, baselines.alive_weights(layout, params)))
 
 
-def _synflow(loss_fn, params, batches, sparsity, *, prunable, scope, key, logits_fn=None,
+def _synflow(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, logits_fn=None,
              input_shape=None, input_key="image", iterations=1):
     """SynFlow (Tanaka et al., NeurIPS 2020): one shot (official) or ``iterations`` rounds."""
     del loss_fn
@@ -91,7 +93,7 @@ def _synflow(loss_fn, params, batches, sparsity, *, prunable, scope, key, logits
             )
         first = next(iter(batches))
         input_shape = np.shape(first[input_key])[2:]  # (particle, batch, ...)
-    layout = MaskLayout.from_params(params, prunable)
+    layout = MaskLayout.from_params(params, prunable, mask_dim)
     return PruneResult(baselines.synflow_masks(logits_fn, params, layout, input_shape, sparsity,
                                                scope, key, iterations))
 
@@ -117,6 +119,7 @@ def prune(
     prunable: Prunable = None,
     scope: str = "global",
     key: jax.Array | None = None,
+    mask_dim: str | None = None,
     **options,
 ) -> SFPKResult | PruneResult:
     """Prunes ``params`` with the named method.
@@ -132,6 +135,9 @@ def prune(
       sparsity: fraction of prunable entries to remove.
       prunable: leaf selection, as in :func:`sfpk_jax.sfpk_prune`.
       scope: ``global`` or ``local`` (layer-wise) top-k.
+      mask_dim: None (unstructured), or ``"out"`` / ``"in"`` to prune whole
+        output or input channels (needs ``scope="local"``; every layer keeps
+        sqrt(1 - sparsity) of its channels, as the reference does).
       key: PRNG key: the scores of ``random`` (required there); tie-breaking
         for the others (ties go by position without it; magnitude ignores it).
       **options: method options:
@@ -154,4 +160,4 @@ def prune(
     if method not in PRUNERS:
         raise ValueError(f"unknown pruner {method!r}; choose one of {', '.join(PRUNERS)}")
     return PRUNERS[method](loss_fn, params, batches, sparsity, prunable=prunable, scope=scope,
-                           key=key, **options)
+                           key=key, mask_dim=mask_dim, **options)

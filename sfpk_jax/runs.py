@@ -31,6 +31,7 @@ from sfpk_jax.data.pipeline import read_batch
 from sfpk_jax.masks import MaskLayout, apply_masks, density, path_to_str
 from sfpk_jax.models import build, registered
 from sfpk_jax.pruners import PRUNERS, prune
+from sfpk_jax.structure import MASK_DIMS
 from sfpk_jax.training import evaluate_batches, lr_schedule, make_loss_fn, train_epoch
 
 SMOKE = {"train_examples": 256, "test_examples": 128, "steps": 3, "particles": 2,
@@ -53,6 +54,8 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--sparsity", type=float, default=d["sparsity"],
                    help="fraction of prunable weights removed (0.95 keeps 5%%)")
     g.add_argument("--scope", default="global", help=f"top-k scope, one of {SCOPES}")
+    g.add_argument("--mask-dim", default=None, choices=MASK_DIMS,
+                   help="prune whole output or input channels (structured; needs --scope local)")
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="training batch size")
     g.add_argument("--pretrain-epochs", type=int, default=d["pretrain_epochs"],
                    help="epochs of dense pretraining when no --dense-checkpoint is given")
@@ -130,7 +133,8 @@ def sfpk_config(args: argparse.Namespace) -> SFPKConfig:
         steps=args.steps, particles=args.particles, repulsion=args.repulsion, radius=args.radius,
         schedule=args.schedule, sparsity_fn=args.sparsity_fn, polarizer=args.polarizer,
         repulsion_mode=args.repulsion_mode, vote_mode=args.vote_mode, vote_ratio=args.vote_ratio,
-        momentum=args.vote_momentum, scope=args.scope, particle_mode=args.particle_mode,
+        momentum=args.vote_momentum, scope=args.scope, mask_dim=args.mask_dim,
+        particle_mode=args.particle_mode,
         progress=not args.no_progress,
     )
 
@@ -322,7 +326,8 @@ def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None
                                   transform=bundle.train_transform, seed=args.seed + seed_offset)
     t0 = time.perf_counter()
     result = prune(method, loss_fn, variables["params"], batches, sparsity,
-                   scope=args.scope, key=jax.random.key(args.seed), **options)
+                   scope=args.scope, key=jax.random.key(args.seed), mask_dim=args.mask_dim,
+                   **options)
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
     return Pruned(result.masks, result, time.perf_counter() - t0)
 
@@ -352,9 +357,9 @@ def density_per_layer(masks) -> dict[str, float]:
             for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]}
 
 
-def mask_results(masks) -> dict[str, Any]:
-    """``density`` (overall), ``density_per_layer`` and ``mask_digest`` of final masks."""
-    return {"density": density(masks), "density_per_layer": density_per_layer(masks),
+def mask_results(masks, params) -> dict[str, Any]:
+    """``density`` (kept weights overall), ``density_per_layer`` and ``mask_digest``."""
+    return {"density": density(masks, params), "density_per_layer": density_per_layer(masks),
             "mask_digest": mask_digest(masks)}
 
 

@@ -10,7 +10,6 @@ keeps the top (1 - sparsity) fraction of the scores.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple
 
@@ -318,10 +317,7 @@ def sfpk_prune(
     layout = MaskLayout.from_params(params, prunable, config.mask_dim)
     theta = layout.gather(params)
     _check_finite(layout, theta)
-    # Channel masks: the reference prunes every layer's channels to
-    # sqrt(density), since removing output channels of one layer also removes
-    # the input channels of the next.
-    mask_sparsity = sparsity if config.mask_dim is None else 1.0 - math.sqrt(1.0 - sparsity)
+    mask_sparsity = structure.mask_sparsity(sparsity, config.mask_dim is not None)
     target = 1.0 - mask_sparsity
     state = initial_state(layout, params, config, init)
     start = np.asarray(state.start)

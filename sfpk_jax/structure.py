@@ -10,6 +10,8 @@ For unstructured masks every one of these reduces to the entry itself.
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -56,3 +58,18 @@ def node_size(param_shape: tuple[int, ...], shape: tuple[int, ...]) -> int:
     for a, b in zip(param_shape, shape):
         size *= a // b
     return size
+
+
+def mask_sparsity(sparsity: float, structured: bool) -> float:
+    """The fraction of mask entries to remove for a target weight sparsity.
+
+    Channel masks follow the reference: every layer keeps sqrt(density) of
+    its channels, since removing a layer's output channels also removes the
+    next layer's input channels.
+    """
+    return 1.0 - math.sqrt(1.0 - sparsity) if structured else sparsity
+
+
+def is_structured(mask_shapes, shapes) -> bool:
+    """Whether any mask entry covers more than one parameter entry."""
+    return tuple(mask_shapes) != tuple(shapes)

@@ -158,3 +158,20 @@ def test_help_documents_the_common_flags(module, capsys):
                  "--particles", "--prune-batch-size", "--batch-size", "--pretrain-epochs",
                  "--epochs", "--seed", "--out", "--smoke"):
         assert flag in text
+
+
+def test_structured_oneshot_prunes_channels(tmp_path):
+    out = tmp_path / "struct"
+    assert cifar100_oneshot.main(["--dataset", "digits", "--model", "small_cnn", "--pretrain-epochs",
+                                  "1", "--mask-dim", "out", "--scope", "local", "--sparsity", "0.75",
+                                  "--out", str(out), *FAST]) == 0
+    results = _results(out)
+    assert results["density_per_layer"]["Conv_1/kernel"] == pytest.approx(0.5)
+    assert 0.2 < results["density"] < 0.6
+
+
+def test_structured_needs_local_scope(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cifar100_oneshot.main(["--dataset", "digits", "--mask-dim", "out", "--out", str(tmp_path / "o")])
+    assert exc.value.code == 2
+    assert "scope" in capsys.readouterr().err

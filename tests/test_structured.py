@@ -111,3 +111,36 @@ def test_structured_sfpk_prunes_whole_channels(cnn, mask_dim):
     assert dropped.size > 0
     assert np.all(np.take(np.asarray(kernel), dropped, axis=axis) == 0)
     assert 0.0 < sfpk_jax.density(result.masks, cnn.params) < 1.0
+
+
+@pytest.mark.parametrize("mask_dim", ["out", "in"])
+def test_structured_magnitude_removes_the_weakest_channels(mask_dim):
+    params = _params()
+    masks = sfpk_jax.magnitude_prune(params, 0.75, scope="local", mask_dim=mask_dim)
+    layout = MaskLayout.from_params(params, mask_dim=mask_dim)
+    channel_sparsity = 1.0 - math.sqrt(0.25)
+    for t, m, shape, size in zip(layout.gather(params), layout.gather(masks), layout.mask_shapes,
+                                 layout.mask_sizes):
+        assert m.shape == shape
+        assert int(np.sum(m)) == size - math.floor(channel_sparsity * size)
+        axes = tuple(i for i, (a, b) in enumerate(zip(t.shape, shape)) if b == 1 and a != 1)
+        strength = np.ravel(np.sum(np.abs(np.asarray(t)), axis=axes))
+        kept = np.ravel(np.asarray(m)) != 0
+        if kept.any() and (~kept).any():
+            assert strength[kept].min() >= strength[~kept].max()
+
+
+@pytest.mark.parametrize("method", ["snip", "random", "sfpk"])
+def test_every_pruner_takes_channel_masks(cnn, method):
+    result = sfpk_jax.prune(method, cnn.loss_fn, cnn.params, cnn.particle_batches(1 if method != "sfpk" else 3),
+                            0.75, scope="local", key=jax.random.key(0), mask_dim="out",
+                            **({"config": sfpk_jax.SFPKConfig(steps=3, particles=3, progress=False)}
+                               if method == "sfpk" else {}))
+    layout = MaskLayout.from_params(cnn.params, mask_dim="out")
+    for m, shape in zip(layout.gather(result.masks), layout.mask_shapes):
+        assert m.shape == shape
+
+
+def test_channel_masks_need_local_scope():
+    with pytest.raises(ValueError, match="scope='local'"):
+        sfpk_jax.magnitude_prune(_params(), 0.5, mask_dim="out")

@@ -60,3 +60,18 @@ def test_zoo_resnet20_flops_are_the_known_figure():
     rows = layer_costs(apply_fn, variables, jnp.zeros((1, 32, 32, 3)))
     # ResNet-20 (CIFAR) is ~40.6M multiply-adds and 0.27M prunable weights.
     assert 40.0e6 < summary(rows)["flops"] < 41.5e6
+
+
+def test_structured_report_runs(tmp_path):
+    import json
+
+    from benchmarks import structured_report
+
+    assert structured_report.main(["--models", "resnet20", "--sparsity", "0.75",
+                                   "--out", str(tmp_path)]) == 0
+    (report,) = json.loads((tmp_path / "report.json").read_text())
+    total = report["total"]
+    assert total["params"] == 276_756
+    assert total["params_kept_fraction"] == pytest.approx(0.5, abs=0.01)
+    assert sum(layer["kept_flops"] for layer in report["layers"]) == total["kept_flops"]
+    assert structured_report.main(["--models", "resnet20", "--out", str(tmp_path)]) == 2

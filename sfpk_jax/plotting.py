@@ -11,6 +11,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 
+def _save(fig, path: str) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def accuracy_vs_sparsity(records: Sequence[Mapping], path: str, dense_acc: float | None = None) -> None:
     """One line per pruner: test accuracy right after pruning and after retraining.
 
@@ -33,9 +39,7 @@ def accuracy_vs_sparsity(records: Sequence[Mapping], path: str, dense_acc: float
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str) -> None:
@@ -61,9 +65,7 @@ def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str) -> Non
     for ax in (ax_g, ax_e):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def accuracy_over_epochs(rows: Sequence[Mapping], path: str) -> None:
@@ -84,9 +86,7 @@ def accuracy_over_epochs(rows: Sequence[Mapping], path: str) -> None:
     ax.set_ylabel("test accuracy")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def layer_density(density: Mapping[str, float], path: str) -> None:
@@ -102,6 +102,4 @@ def layer_density(density: Mapping[str, float], path: str) -> None:
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
     ax.set_ylabel("kept fraction")
     ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)

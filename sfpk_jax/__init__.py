@@ -10,6 +10,7 @@ from sfpk_jax.masks import (
     density,
     ones_like_masks,
 )
+from sfpk_jax.resume import CheckpointPolicy, ResumeError
 from sfpk_jax.simulation import (
     SFPKResult,
     SFPKState,
@@ -21,9 +22,11 @@ from sfpk_jax.simulation import (
 )
 
 __all__ = [
+    "CheckpointPolicy",
     "MaskLayout",
     "PRUNERS",
     "PruneResult",
+    "ResumeError",
     "SFPKConfig",
     "SFPKResult",
     "SFPKState",

@@ -15,6 +15,7 @@ VOTE_MODES = ("soft", "hard")
 SCORES = ("mp", "m")
 SCOPES = ("global", "local")
 PARTICLE_MODES = ("loop", "vmap", "map")
+COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +54,9 @@ class SFPKConfig:
         call per particle, dispatched asynchronously), ``vmap`` (all at once)
         or ``map`` (``lax.map`` in chunks of ``particle_chunk``).
       particle_chunk: particles per chunk in ``map`` mode (bounds memory).
+      compute_dtype: dtype of the model's forward and backward passes in the
+        energy: ``float32``, or ``bfloat16`` (faster on accelerators with
+        bf16 units); particles, scores and updates stay float32.
       early_stop: stop once the particles' mean G reaches the target density.
       progress: show a progress bar over the steps.
     """
@@ -76,6 +80,7 @@ class SFPKConfig:
     mask_dim: str | None = None
     particle_mode: str = "loop"
     particle_chunk: int = 1
+    compute_dtype: str = "float32"
     early_stop: bool = True
     progress: bool = True
 
@@ -89,6 +94,7 @@ class SFPKConfig:
             "score": SCORES,
             "scope": SCOPES,
             "particle_mode": PARTICLE_MODES,
+            "compute_dtype": COMPUTE_DTYPES,
         }
         for name, allowed in choices.items():
             value = getattr(self, name)

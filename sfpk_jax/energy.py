@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from sfpk_jax.config import SFPKConfig
 from sfpk_jax.masks import MaskLayout
@@ -51,10 +52,21 @@ def make_energy_fn(
             ratio=config.polarizer_ratio,
         )
         masked = layout.replace(params, [t * p for t, p in zip(theta, point)])
-        return loss_fn(masked, batch)
+        if config.compute_dtype == "float32":
+            return loss_fn(masked, batch)
+        # The casts sit inside the differentiated function, so grad E still
+        # arrives in the particles' float32.
+        masked, batch = _cast_floats((masked, batch), config.compute_dtype)
+        return loss_fn(masked, batch).astype(jnp.float32)
 
     grad_fn = jax.value_and_grad(energy)
     return lambda params, mask, batch: grad_fn(list(mask), params, batch)
+
+
+def _cast_floats(tree: Any, dtype: str) -> Any:
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
+    )
 
 
 def all_particles(energy_fn: EnergyFn, mode: str, chunk: int) -> EnergyFn:

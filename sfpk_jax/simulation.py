@@ -10,7 +10,7 @@ keeps the top (1 - sparsity) fraction of the scores.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, NamedTuple
 
 import jax
@@ -25,10 +25,15 @@ from sfpk_jax import schedules, structure
 from sfpk_jax import sparsity as sparsity_lib
 from sfpk_jax import thresholds
 from sfpk_jax import voting
+from sfpk_jax import resume as resume_lib
 from sfpk_jax.config import SFPKConfig
 from sfpk_jax.masks import MaskLayout, Prunable, path_to_str
+from sfpk_jax.resume import CheckpointPolicy, SimulationCheckpoints
 
 TRACE_FIELDS = ("sparsity", "energy", "repulsion", "dt")
+
+# Bit i of StepTrace.faults: which of a particle's values was NaN or Inf.
+FAULTS = ("energy", "energy gradient", "direction")
 
 
 class SFPKState(NamedTuple):
@@ -52,13 +57,15 @@ class StepTrace(NamedTuple):
 
     ``sparsity`` is G before the update (the mean over layers in local scope),
     ``energy`` E before the update, ``repulsion`` K, ``dt`` the step size (mean
-    over layers in local scope).
+    over layers in local scope), ``faults`` the particle's non-finite values as
+    bits (:data:`FAULTS`; 0 when all is finite).
     """
 
     sparsity: jax.Array
     energy: jax.Array
     repulsion: jax.Array
     dt: jax.Array
+    faults: jax.Array
 
 
 class SFPKResult(NamedTuple):
@@ -81,6 +88,11 @@ class SFPKResult(NamedTuple):
 def _per_particle(fn, *args):
     """vmaps ``fn`` over the particle axis of list-of-leaves arguments."""
     return jax.vmap(fn)(*args)
+
+
+def _not_finite(leaves: list) -> jax.Array:
+    """(n,) True where any entry of a particle's leaves is NaN or Inf."""
+    return jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in leaves]), axis=0)
 
 
 def _broadcast_step(dt: jax.Array, leaf: jax.Array, layer: int, scope: str) -> jax.Array:
@@ -108,7 +120,10 @@ def sfpk_update(
       target: target density f.
 
     Returns:
-      The state after the step and the step's trace.
+      The state after the step and the step's trace. When any particle's
+      energy, gradient or direction is not finite (``trace.faults`` says which)
+      the state is returned unchanged, so the caller still holds the last good
+      state.
     """
     scope = config.scope
     particles = state.particles
@@ -145,13 +160,21 @@ def sfpk_update(
         scope=scope,
     )
     per_particle = (lambda x: x) if scope == "global" else (lambda x: jnp.mean(x, axis=-1))
+    faults = sum(
+        bad.astype(jnp.int32) << bit
+        for bit, bad in enumerate([~jnp.isfinite(energy), _not_finite(energy_grad), _not_finite(delta)])
+    )
     trace = StepTrace(
         sparsity=per_particle(density),
         energy=energy,
         repulsion=k_value,
         dt=per_particle(dt),
+        faults=faults,
     )
-    return SFPKState(moved, scores, state.step + 1, state.start), trace
+    moved_state = SFPKState(moved, scores, state.step + 1, state.start)
+    # A select rather than a host round-trip: the step stays one async program.
+    kept = jax.tree.map(lambda new, old: jnp.where(jnp.any(faults != 0), old, new), moved_state, state)
+    return kept, trace
 
 
 class Stepper(NamedTuple):
@@ -280,15 +303,43 @@ def initial_state(
     return SFPKState(particles, scores, jnp.int32(0), jnp.mean(density, axis=0))
 
 
+def _batch_stream(batches, start: int) -> Iterator[Any]:
+    """The batches from step ``start`` on (see :func:`sfpk_prune`'s ``batches``)."""
+    if callable(batches):
+        return iter(batches(start))
+    stream = iter(batches)
+    for _ in range(start):
+        next(stream, None)
+    return stream
+
+
+def _fault_message(step: int, faults: np.ndarray, checkpoints: SimulationCheckpoints | None) -> str:
+    bad = np.flatnonzero(faults)
+    which = "; ".join(
+        f"particle {i}: {', '.join(name for bit, name in enumerate(FAULTS) if faults[i] >> bit & 1)}"
+        for i in bad
+    )
+    saved = (
+        f"the state before step {step} is checkpointed in {checkpoints.directory} (resume from it "
+        "after the fix)" if checkpoints else "pass checkpoint= to keep the last good state"
+    )
+    return (
+        f"SFPK step {step}: non-finite values ({which}). Usual fixes: a smaller radius (closer "
+        "to 1), more steps (smaller moves per step), a lower learning rate or fewer epochs in "
+        f"the dense training if its weights are extreme; {saved}"
+    )
+
+
 def sfpk_prune(
     loss_fn: Callable[[Any, Any], jax.Array],
     params: Any,
-    batches: Iterable[Any],
+    batches: Iterable[Any] | Callable[[int], Iterable[Any]],
     sparsity: float,
     config: SFPKConfig = SFPKConfig(),
     prunable: Prunable = None,
     key: jax.Array | None = None,
     init: SFPKResult | None = None,
+    checkpoint: CheckpointPolicy | None = None,
 ) -> SFPKResult:
     """Prunes ``params`` with SFPK.
 
@@ -297,7 +348,11 @@ def sfpk_prune(
         state in training mode).
       params: the trained parameter pytree theta.
       batches: yields one batch pytree per step whose leaves have a leading
-        axis of size ``config.particles``: particle i uses slice i.
+        axis of size ``config.particles``: particle i uses slice i. Either an
+        iterable, or a function ``start -> iterable`` of the batches from step
+        ``start`` on, which lets a resumed run skip the steps already done
+        without reading them (e.g. ``lambda start: particle_loader(...,
+        start=start)``); a plain iterable is advanced past them.
       sparsity: fraction of prunable entries to remove (0.95 keeps 5%).
       config: the hyper-parameters.
       prunable: which leaves to prune: None (conv/dense kernels and dense
@@ -307,9 +362,20 @@ def sfpk_prune(
       init: an earlier result to continue from (gradual pruning): its
         particles and scores are the starting point, and the start density is
         the particles' mean G.
+      checkpoint: where and how often to checkpoint the simulation, and
+        whether to resume from the latest checkpoint there (see
+        :class:`sfpk_jax.resume.CheckpointPolicy`). A resumed run ends with
+        exactly the masks and scores of an uninterrupted one.
 
     Returns:
       An :class:`SFPKResult`.
+
+    Raises:
+      ValueError: bad sparsity, batches or parameters (the message says which).
+      ResumeError: the checkpoint folder holds another run, or a damaged one.
+      FloatingPointError: a particle's energy, gradient or direction became
+        NaN or Inf; the message names the step and particles, and the last
+        good state is checkpointed first when ``checkpoint`` is given.
     """
     sparsity = check_sparsity(sparsity)
     if not isinstance(config, SFPKConfig):
@@ -326,29 +392,22 @@ def sfpk_prune(
             f"the particles' density {start.round(4).tolist()} is already at or below the "
             f"target density {target:.4f} (sparsity={sparsity}); choose a higher sparsity"
         )
-    stepper = make_stepper(loss_fn, layout, config, target)
     trace = {f: [] for f in TRACE_FIELDS}
-    batch_iter = iter(batches)
-    bar = tqdm(range(config.steps), desc="SFPK", disable=not config.progress, leave=False)
-    for t in bar:
-        try:
-            batch = next(batch_iter)
-        except StopIteration:
-            raise ValueError(
-                f"batches ran out at step {t} of {config.steps}: yield one batch per step "
-                "(an infinite iterator is easiest)"
-            ) from None
-        _check_batch(batch, config.particles, t)
-        state, step_trace = stepper.step(params, state, batch)
-        # The one host transfer of the step: the trace, for the bar and the stop test.
-        host = jax.device_get(step_trace)
-        for f in TRACE_FIELDS:
-            trace[f].append(np.asarray(getattr(host, f)))
-        mean_g = float(np.mean(host.sparsity))
-        bar.set_postfix(G=f"{mean_g:.4f}", E=f"{float(np.mean(host.energy)):.4f}")
-        if config.early_stop and mean_g <= target:
-            break
-    bar.close()
+    checkpoints = None
+    if checkpoint is not None:
+        checkpoints = SimulationCheckpoints(
+            checkpoint, resume_lib.fingerprint(config, sparsity, layout.paths, theta, layout.mask_shapes)
+        )
+        restored = checkpoints.restore(state)
+        if restored is not None:
+            state, saved_trace = restored
+            trace = {f: [np.asarray(row, np.float32) for row in saved_trace[f]] for f in TRACE_FIELDS}
+    try:
+        state = _simulate(make_stepper(loss_fn, layout, config, target), params, state, batches,
+                          config, target, trace, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
     remove = thresholds.remove_counts(layout.mask_sizes, mask_sparsity, config.scope)
     final = [
         jnp.where(structure.abs_weight(t, s.shape) != 0, s, 0.0)
@@ -359,8 +418,50 @@ def sfpk_prune(
         masks=layout.scatter(masks),
         scores=layout.scatter(state.scores),
         particles=layout.scatter(state.particles),
-        trace={f: np.stack(v) for f, v in trace.items()},
+        trace={f: np.stack(v) if v else np.zeros((0, config.particles), np.float32)
+               for f, v in trace.items()},
     )
+
+
+def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKConfig,
+              target: float, trace: dict[str, list], checkpoints) -> SFPKState:
+    """Runs the steps from ``state.step`` on, appending to ``trace``; returns the last state."""
+    first = int(state.step)
+    done = first >= config.steps or (
+        config.early_stop and bool(trace["sparsity"]) and trace["sparsity"][-1].mean() <= target
+    )
+    if done:
+        return state
+    batch_iter = _batch_stream(batches, first)
+    bar = tqdm(range(first, config.steps), initial=first, total=config.steps, desc="SFPK",
+               disable=not config.progress, leave=False)
+    for t in bar:
+        try:
+            batch = next(batch_iter)
+        except StopIteration:
+            raise ValueError(
+                f"batches ran out at step {t} of {config.steps}: yield one batch per step "
+                "(an infinite iterator is easiest)"
+            ) from None
+        _check_batch(batch, config.particles, t)
+        state, step_trace = stepper.step(params, state, batch)
+        # The one host transfer of the step: the trace, for the bar, the stop test and faults.
+        host = jax.device_get(step_trace)
+        if np.any(host.faults):
+            if checkpoints is not None:
+                checkpoints.save(t, state, trace)
+            raise FloatingPointError(_fault_message(t, host.faults, checkpoints))
+        for f in TRACE_FIELDS:
+            trace[f].append(np.asarray(getattr(host, f)))
+        mean_g = float(np.mean(host.sparsity))
+        bar.set_postfix(G=f"{mean_g:.4f}", E=f"{float(np.mean(host.energy)):.4f}")
+        finished = t + 1 == config.steps or (config.early_stop and mean_g <= target)
+        if checkpoints is not None and (finished or (t + 1) % checkpoints.policy.every == 0):
+            checkpoints.save(t + 1, state, trace)
+        if finished:
+            break
+    bar.close()
+    return state
 
 
 def spode_prune(loss_fn, params, batches, sparsity, config: SFPKConfig | None = None, **kwargs):

@@ -139,6 +139,17 @@ def test_particle_loader(source):
     assert len(_prefetch_threads()) == before
 
 
+def test_particle_loader_starts_at_any_step(source):
+    full = particle_loader(source, 2, B, transform=TRAIN, seed=3, prefetch=0)
+    steps = [next(full) for _ in range(N // B + 3)]  # into the second epoch
+    for start in (1, N // B, N // B + 2):
+        resumed = next(particle_loader(source, 2, B, transform=TRAIN, seed=3, start=start, prefetch=0))
+        np.testing.assert_array_equal(resumed["image"], steps[start]["image"])
+        np.testing.assert_array_equal(resumed["label"], steps[start]["label"])
+    with pytest.raises(ValueError, match="start"):
+        particle_loader(source, 2, B, transform=None, seed=0, start=-1)
+
+
 def test_particles_draw_their_own_augmentation():
     # One example: every particle gets the same image, so only augmentation differs.
     images = np.random.default_rng(0).integers(0, 256, (1, 32, 32, 3), dtype=np.uint8)

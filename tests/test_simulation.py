@@ -387,3 +387,25 @@ def test_paths_in_layout_are_readable(mlp):
     assert layout.paths == ("Dense_0/bias", "Dense_0/kernel", "Dense_1/bias", "Dense_1/kernel")
     flat = jax.tree_util.tree_flatten_with_path(mlp.params)[0]
     assert [path_to_str(p) for p, _ in flat] == list(layout.paths)
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_bfloat16_passes_give_the_float32_masks_within_tolerance(model, request):
+    m = request.getfixturevalue(model)
+    # Our code is strict-clean in bf16 (the MLP); Flax's BatchNorm itself mixes
+    # bf16 activations with its float32 statistics.
+    promotion = "strict" if model == "mlp" else "standard"
+    with jax.numpy_dtype_promotion(promotion):
+        results = {
+            dtype: sfpk_prune(m.loss_fn, m.params, m.particle_batches(4, size=32, seed=1), 0.8,
+                              _config(steps=20, particles=4, compute_dtype=dtype))
+            for dtype in ("float32", "bfloat16")
+        }
+    full, half = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(r.masks)])
+                  for r in results.values())
+    assert full.sum() == half.sum()
+    # Stated tolerance: at least 95% of the kept entries are the same.
+    assert (full * half).sum() >= 0.95 * full.sum()
+    for r in results.values():
+        assert all(x.dtype == np.float32 for x in jax.tree.leaves(r.particles))
+        assert r.trace["energy"].dtype == np.float32

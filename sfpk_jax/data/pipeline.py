@@ -17,7 +17,6 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from sfpk_jax.data.augment import Transform
-from sfpk_jax.data.digits import _particle_indices
 
 Batch = dict[str, np.ndarray]
 
@@ -245,14 +244,19 @@ def particle_loader(
     *,
     transform: Transform | None,
     seed: int,
+    start: int = 0,
     prefetch: int = 2,
 ) -> Iterator[Batch]:
     """Endless per-particle mini-batches, stacked along a leading particle axis.
 
     Each particle walks its own random permutations of the source (an epoch at
     a time, dropping the remainder) and draws its own augmentations, so the
-    particles see independent batches; the stream is deterministic in
-    ``seed``. Like :func:`sfpk_jax.data.particle_batches`, for any source.
+    particles see independent batches. Step ``s`` depends only on ``(seed, s)``:
+    the permutation of particle i's epoch e comes from ``(seed, i, e)`` and the
+    augmentation of step s from ``(seed, i, s)``, so a simulation resumed at
+    step ``start`` reads exactly the batches an uninterrupted one reads, without
+    reading the skipped ones. Like :func:`sfpk_jax.data.particle_batches`, for
+    any source.
 
     Args:
       source: the split to load.
@@ -260,6 +264,7 @@ def particle_loader(
       batch_size: examples per particle and step, in [1, len(source)].
       transform: applied to each particle's batch; None keeps the images.
       seed: non-negative seed of all the draws.
+      start: index of the first step to yield (0 for a fresh run).
       prefetch: steps prepared ahead in a background thread (0: none).
 
     Returns:
@@ -269,15 +274,34 @@ def particle_loader(
     _check(source, batch_size, prefetch)
     if n < 1:
         raise ValueError(f"n (the number of particles) must be at least 1, got {n}")
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        raise ValueError(f"start must be a step index >= 0, got {start!r}")
+    per_epoch = len(source) // batch_size
+
+    def orders(particle: int) -> Callable[[int], np.ndarray]:
+        # One permutation per epoch, drawn when the particle enters that epoch.
+        cache: dict[int, np.ndarray] = {}
+
+        def order(epoch: int) -> np.ndarray:
+            if epoch not in cache:
+                cache.clear()
+                rng = np.random.default_rng(np.random.SeedSequence((seed, particle, epoch)))
+                cache[epoch] = rng.permutation(len(source))
+            return cache[epoch]
+
+        return order
 
     def steps() -> Iterator[Batch]:
-        streams = []
-        for child in np.random.SeedSequence(seed).spawn(n):
-            order_seed, augment_seed = child.spawn(2)
-            indices = _particle_indices(np.random.default_rng(order_seed), len(source), batch_size)
-            streams.append((indices, np.random.default_rng(augment_seed)))
+        particle_orders = [orders(i) for i in range(n)]
+        step = start
         while True:
-            parts = [_apply(transform, read_batch(source, next(idx)), rng) for idx, rng in streams]
+            epoch, position = divmod(step, per_epoch)
+            parts = []
+            for i, order in enumerate(particle_orders):
+                idx = order(epoch)[position * batch_size : (position + 1) * batch_size]
+                rng = np.random.default_rng(np.random.SeedSequence((seed, i, step, 1)))
+                parts.append(_apply(transform, read_batch(source, idx), rng))
             yield {key: np.stack([p[key] for p in parts]) for key in ("image", "label")}
+            step += 1
 
     return prefetch_iter(steps, prefetch)

@@ -1,0 +1,184 @@
+"""Checkpoints of a running SFPK simulation, so that a killed run resumes where it stopped.
+
+A checkpoint holds the whole simulation state (particles, scores, step, start
+density), the trace so far and a *fingerprint* of what the run depends on
+(config, sparsity, the prunable leaves and a digest of their weights, the
+particle count). Resuming restores the latest checkpoint after checking the
+fingerprint, and the run then ends with exactly the masks and scores of an
+uninterrupted run, provided the batches of step t are the same (see
+:func:`sfpk_jax.data.particle_loader` and its ``start``).
+
+Orbax writes each checkpoint to a temporary folder and renames it when
+complete, so a run killed while saving leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Fields that change how the work is scheduled, not what is computed. The
+# particle mode may still change float rounding: bit-for-bit resumption needs
+# the same mode, but resuming under another one is allowed.
+_SCHEDULING_FIELDS = ("progress", "particle_mode", "particle_chunk")
+
+
+class ResumeError(ValueError):
+    """A simulation checkpoint is missing, unreadable, or from a different run."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointPolicy:
+    """Where and how often :func:`sfpk_jax.sfpk_prune` checkpoints, and whether it resumes.
+
+    Attributes:
+      directory: folder of this simulation's checkpoints (created if needed).
+      every: steps between checkpoints; the final state is always saved.
+      resume: continue from the latest checkpoint in ``directory``. Without
+        it, a directory that already holds checkpoints is an error, so an
+        earlier run is never silently overwritten.
+    """
+
+    directory: str | os.PathLike
+    every: int = 10
+    resume: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"CheckpointPolicy.every={self.every!r} must be an integer >= 1 (steps)")
+        if not isinstance(self.resume, bool):
+            raise ValueError(f"CheckpointPolicy.resume={self.resume!r} must be True or False")
+
+
+def fingerprint(config, sparsity: float, paths, theta, mask_shapes) -> dict[str, Any]:
+    """What a resumed simulation must share with the one that wrote the checkpoint.
+
+    Args:
+      config: the :class:`sfpk_jax.SFPKConfig`.
+      sparsity: the target sparsity.
+      paths: '/'-joined paths of the prunable leaves.
+      theta: the prunable weights (their bytes are digested).
+      mask_shapes: the mask shape of every prunable leaf.
+
+    Returns:
+      A JSON-able dict.
+    """
+    digest = hashlib.sha256()
+    for t in theta:
+        digest.update(np.ascontiguousarray(jax.device_get(t)).tobytes())
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _SCHEDULING_FIELDS}
+    return {
+        "config": fields,
+        "sparsity": sparsity,
+        "leaves": {p: list(s) for p, s in zip(paths, mask_shapes)},
+        "weights_sha256": digest.hexdigest(),
+    }
+
+
+def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
+class SimulationCheckpoints:
+    """The checkpoints of one simulation (used by :func:`sfpk_jax.sfpk_prune`)."""
+
+    def __init__(self, policy: CheckpointPolicy, fingerprint: dict[str, Any]):
+        """Opens ``policy.directory``; refuses to overwrite an earlier run.
+
+        Raises:
+          ResumeError: the directory holds checkpoints and ``resume`` is False.
+        """
+        self.policy = policy
+        self.fingerprint = fingerprint
+        self.directory = Path(policy.directory).absolute()
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+            )
+        except OSError as err:
+            raise ResumeError(
+                f"cannot use {self.directory} for SFPK checkpoints: {err}; choose a writable folder"
+            ) from None
+        latest = self.manager.latest_step()
+        if latest is not None and not policy.resume:
+            self.manager.close()
+            raise ResumeError(
+                f"{self.directory} already holds SFPK checkpoints (up to step {latest}) of an "
+                "earlier run: resume it (resume=True, --resume), or remove the folder to start "
+                "again (--overwrite)"
+            )
+
+    def restore(self, template) -> tuple[Any, dict[str, list]] | None:
+        """The latest state and trace, or None when there is no checkpoint yet.
+
+        Args:
+          template: a state of the expected structure, shapes and dtypes.
+
+        Raises:
+          ResumeError: the checkpoint is unreadable or from a different run.
+        """
+        step = self.manager.latest_step()
+        if step is None:
+            return None
+        where = self.directory / str(step)
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged folder
+            raise ResumeError(
+                f"SFPK checkpoint {where} is unreadable ({type(err).__name__}: {err}); remove it "
+                "to resume from the one before, or start again with --overwrite"
+            ) from None
+        diffs = _differences(meta["fingerprint"], self.fingerprint)
+        if diffs:
+            raise ResumeError(
+                f"SFPK checkpoint {where} is from a different run: " + "; ".join(diffs)
+                + ". Resume with the original settings, or start again with --overwrite"
+            )
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
+        try:
+            state = self.manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+            ).state
+        except Exception as err:  # noqa: BLE001 - as above
+            raise ResumeError(
+                f"SFPK checkpoint {where} is truncated or damaged ({type(err).__name__}: {err}); "
+                "remove it to resume from the one before, or start again with --overwrite"
+            ) from None
+        return state, meta["trace"]
+
+    def save(self, step: int, state, trace: dict[str, list]) -> None:
+        """Checkpoints ``state`` (after ``step`` steps) and the trace so far.
+
+        Orbax copies the arrays to the host before returning, so the caller
+        may donate the state's buffers to the next step right away.
+        """
+        if step == self.manager.latest_step():
+            return  # the simulation is deterministic: this state is already saved
+        trace_json = {k: np.asarray(v).tolist() for k, v in trace.items()}
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave({"fingerprint": self.fingerprint, "trace": trace_json}),
+            ),
+            force=True,
+        )
+
+    def close(self) -> None:
+        """Waits for pending writes and releases the manager."""
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -14,7 +14,7 @@ REPULSION_MODES = ("exp", "cos")
 VOTE_MODES = ("soft", "hard")
 SCORES = ("mp", "m")
 SCOPES = ("global", "local")
-PARTICLE_MODES = ("loop", "vmap", "map")
+PARTICLE_MODES = ("loop", "vmap", "map", "shard")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
@@ -51,8 +51,9 @@ class SFPKConfig:
         pruning is layer-wise (needs ``scope="local"``), and the target is
         converted as the reference does: channel density = sqrt(1 - sparsity).
       particle_mode: how particles go through the model: ``loop`` (one jitted
-        call per particle, dispatched asynchronously), ``vmap`` (all at once)
-        or ``map`` (``lax.map`` in chunks of ``particle_chunk``).
+        call per particle, dispatched asynchronously), ``vmap`` (all at once),
+        ``map`` (``lax.map`` in chunks of ``particle_chunk``) or ``shard``
+        (split over the devices of a mesh, see :mod:`sfpk_jax.sharding`).
       particle_chunk: particles per chunk in ``map`` mode (bounds memory).
       compute_dtype: dtype of the model's forward and backward passes in the
         energy: ``float32``, or ``bfloat16`` (faster on accelerators with

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from sfpk_jax import direction as direction_lib
 from sfpk_jax import energy as energy_lib
 from sfpk_jax import repulsion as repulsion_lib
-from sfpk_jax import schedules, structure
+from sfpk_jax import schedules, sharding, structure
 from sfpk_jax import sparsity as sparsity_lib
 from sfpk_jax import thresholds
 from sfpk_jax import voting
@@ -196,14 +196,25 @@ def _stack(outputs):
 
 
 def make_stepper(
-    loss_fn: Callable, layout: MaskLayout, config: SFPKConfig, target: float
+    loss_fn: Callable,
+    layout: MaskLayout,
+    config: SFPKConfig,
+    target: float,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> Stepper:
     """Builds the jitted SFPK step for ``config.particle_mode``.
 
-    ``vmap`` and ``map`` compile the whole step (energies, update, vote) into
-    one program. ``loop`` dispatches one jitted energy call per particle
-    (asynchronously: nothing waits on the host) followed by the jitted update.
-    The state's buffers are donated to the update.
+    ``vmap``, ``map`` and ``shard`` compile the whole step (energies, update,
+    vote) into one program. ``loop`` dispatches one jitted energy call per
+    particle (asynchronously: nothing waits on the host) followed by the
+    jitted update. The state's buffers are donated to the update.
+
+    Args:
+      loss_fn: pure ``loss_fn(params, batch) -> scalar``.
+      layout: where the prunable leaves are.
+      config: the hyper-parameters.
+      target: the target mask density.
+      mesh: the devices of ``shard`` mode (see :func:`default_mesh`).
     """
     energy_fn = energy_lib.make_energy_fn(loss_fn, layout, config)
 
@@ -234,13 +245,26 @@ def make_stepper(
             energies=lambda params, particles, batch: stack(outputs(params, particles, batch)),
         )
 
-    batched = energy_lib.all_particles(energy_fn, config.particle_mode, config.particle_chunk)
+    if config.particle_mode == "shard":
+        batched = sharding.sharded_energies(energy_fn, mesh or default_mesh(config.particles))
+    else:
+        batched = energy_lib.all_particles(energy_fn, config.particle_mode, config.particle_chunk)
 
     @functools.partial(jax.jit, donate_argnums=1)
     def fused(params, state, batch):
         return update(params, state, *batched(params, state.particles, batch))
 
     return Stepper(step=fused, energies=jax.jit(batched))
+
+
+def default_mesh(particles: int) -> jax.sharding.Mesh:
+    """The mesh of ``shard`` mode: as many devices as evenly share the particles.
+
+    That is the largest divisor of ``particles`` not above the device count,
+    e.g. 5 of 8 devices for 10 particles.
+    """
+    count = max(d for d in range(1, len(jax.devices()) + 1) if particles % d == 0)
+    return sharding.particle_mesh(jax.devices()[:count])
 
 
 def check_sparsity(sparsity) -> float:
@@ -340,6 +364,7 @@ def sfpk_prune(
     key: jax.Array | None = None,
     init: SFPKResult | None = None,
     checkpoint: CheckpointPolicy | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> SFPKResult:
     """Prunes ``params`` with SFPK.
 
@@ -366,6 +391,9 @@ def sfpk_prune(
         whether to resume from the latest checkpoint there (see
         :class:`sfpk_jax.resume.CheckpointPolicy`). A resumed run ends with
         exactly the masks and scores of an uninterrupted one.
+      mesh: the devices over which ``particle_mode="shard"`` splits the
+        particles (a :func:`sfpk_jax.sharding.particle_mesh`); by default as
+        many local devices as evenly share them.
 
     Returns:
       An :class:`SFPKResult`.
@@ -380,6 +408,14 @@ def sfpk_prune(
     sparsity = check_sparsity(sparsity)
     if not isinstance(config, SFPKConfig):
         raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
+    if mesh is not None and config.particle_mode != "shard":
+        raise ValueError(f"mesh= is used by particle_mode='shard', not {config.particle_mode!r}")
+    if mesh is not None and config.particles % dict(mesh.shape).get(sharding.PARTICLES, 1):
+        raise ValueError(
+            f"{config.particles} particles do not split evenly over the mesh's "
+            f"{dict(mesh.shape)[sharding.PARTICLES]} particle devices: use a multiple of that "
+            "many particles or a mesh over fewer devices"
+        )
     layout = MaskLayout.from_params(params, prunable, config.mask_dim)
     theta = layout.gather(params)
     _check_finite(layout, theta)
@@ -403,7 +439,7 @@ def sfpk_prune(
             state, saved_trace = restored
             trace = {f: [np.asarray(row, np.float32) for row in saved_trace[f]] for f in TRACE_FIELDS}
     try:
-        state = _simulate(make_stepper(loss_fn, layout, config, target), params, state, batches,
+        state = _simulate(make_stepper(loss_fn, layout, config, target, mesh), params, state, batches,
                           config, target, trace, checkpoints)
     finally:
         if checkpoints is not None:

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from sfpk_jax import sharding as sharding_lib
 from sfpk_jax.data.digits import batch_iterator
 from sfpk_jax.masks import apply_masks
 from sfpk_jax.models.registry import ApplyFn
@@ -169,6 +170,7 @@ def train_epoch(
     epoch: int = 1,
     progress: bool = False,
     desc: str = "epoch",
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict, optax.OptState, float]:
     """One pass over ``batches``; pruned weights stay exactly zero.
 
@@ -183,16 +185,33 @@ def train_epoch(
       epoch: epoch number, for the error message and the bar.
       progress: show a tqdm bar over the steps.
       desc: label of the bar.
+      mesh: optional device mesh (``sfpk_jax.sharding.particle_mesh()``) for
+        data-parallel training: each batch is split over all its devices and
+        ``variables``, ``opt_state`` and ``masks`` are replicated, so the jitted
+        step runs on every device; batch norm still sees the whole batch. Batch
+        sizes must be multiples of the device count. With several processes,
+        each passes its own part of every batch (see ``sfpk_jax.sharding``).
+        None: the step runs where its inputs are (one device), as before.
 
     Returns:
-      ``(variables, opt_state, mean loss)``.
+      ``(variables, opt_state, mean loss)``; with a mesh, as arrays replicated
+      over it.
 
     Raises:
       FloatingPointError: when a step's loss is NaN or infinite.
+      ValueError: with a mesh, when a batch does not split evenly over it.
     """
+    if mesh is not None:
+        # jit partitions the step from its inputs' shardings (SPMD): replicated
+        # state and a batch split over the devices make it data-parallel, and
+        # the outputs come back replicated, so later steps need no re-placing.
+        variables, opt_state = sharding_lib.replicate((variables, opt_state), mesh)
+        masks = None if masks is None else sharding_lib.replicate(masks, mesh)
     losses = []
     # Losses stay on device until the epoch ends, so steps are not synchronised.
     for batch in tqdm(batches, desc=f"{desc} {epoch}", disable=not progress, leave=False):
+        if mesh is not None:
+            batch = sharding_lib.shard_batch(batch, mesh)
         variables, opt_state, loss = _train_step(
             apply_fn, optimizer, label_smoothing, variables, opt_state, batch, masks
         )

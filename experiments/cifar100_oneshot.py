@@ -6,7 +6,8 @@ Defaults are the paper's: ResNet-20 on CIFAR-100, SFPK with K=100 steps,
 n=10 particles, mini-batch 512, lambda=0.2, r=1.1; retraining for 100 epochs
 at batch 64 with SGD (momentum 0.875, lr 0.01, no weight decay) on a cosine
 schedule after 5 warm-up epochs from 1e-4. ``final_acc`` is the mean top-1
-of the last 5 epochs.
+of the last 5 epochs. A killed run continues with the same flags plus
+``--resume`` (see docs/long_runs.md).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import argparse
 import sys
 import time
 
-from sfpk_jax import checkpoints, runs
+from sfpk_jax import runs
 from sfpk_jax.training import evaluate_batches
 
 
@@ -26,7 +27,7 @@ def parse_args(argv=None):
     )
     runs.add_common_flags(parser)
     runs.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=5)
-    return runs.finish_args(parser, argv)
+    return runs.finish_args(parser, argv, needs_dense=True)
 
 
 def main(argv=None) -> int:
@@ -34,20 +35,22 @@ def main(argv=None) -> int:
     bundle, out, metrics, apply_fn, variables = runs.setup(args)
     dense = runs.dense_model(args, bundle, apply_fn, variables, out, metrics)
     _, test = runs.loaders(args, bundle, args.seed)
-    dense_acc = evaluate_batches(apply_fn, dense, test.epoch(0))
+    dense_acc = runs.remember(args, "dense_acc",
+                              lambda: evaluate_batches(apply_fn, dense, test.epoch(0)), dense)
 
     pruned = runs.prune_model(args, bundle, apply_fn, dense, args.sparsity)
     masked = runs.recompute_bn(args, bundle, apply_fn, dense, pruned.masks)
-    acc_pruned = evaluate_batches(apply_fn, masked, test.epoch(0))
-    checkpoints.save(out / "checkpoints" / "pruned", {"variables": masked, "masks": pruned.masks},
-                     overwrite=args.overwrite)
+    acc_pruned = runs.remember(args, "acc_pruned",
+                               lambda: evaluate_batches(apply_fn, masked, test.epoch(0)), masked)
+    runs.save_checkpoint(args, out / "checkpoints" / "pruned",
+                         {"variables": masked, "masks": pruned.masks})
 
     t0 = time.perf_counter()
     final, accs = runs.fit(apply_fn, masked, args, bundle, epochs=args.epochs, masks=pruned.masks,
                            metrics=metrics, phase="retrain")
     retrain_s = time.perf_counter() - t0
-    checkpoints.save(out / "checkpoints" / "final", {"variables": final, "masks": pruned.masks},
-                     overwrite=args.overwrite)
+    runs.save_checkpoint(args, out / "checkpoints" / "final",
+                         {"variables": final, "masks": pruned.masks})
     trace = getattr(pruned.result, "trace", None)
     results = {
         **runs.summarize(accs),

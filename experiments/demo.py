@@ -7,19 +7,22 @@ pruning at 90%, 95% and 98% sparsity, recomputes batch-norm statistics,
 retrains each pruned model briefly with its mask held fixed, and writes
 ``results.json``, ``accuracy_vs_sparsity.png`` and ``sfpk_trace.png`` to
 ``--out``. Needs no download (scikit-learn ships the digits) and runs in a
-few minutes on a 2-core CPU; the same ``--seed`` gives the same numbers.
+few minutes on a 2-core CPU; the same ``--seed`` gives the same numbers. It
+keeps no checkpoints (a killed demo is simply run again); the experiments in
+``experiments/`` resume with ``--resume``.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 
 import jax
 
 import sfpk_jax
-from sfpk_jax import io, plotting
+from sfpk_jax import io, plotting, runs
 from sfpk_jax.batchnorm import recompute_batch_stats
 from sfpk_jax.data import batch_iterator, load_digits, particle_batches
 from sfpk_jax.models import build
@@ -33,6 +36,7 @@ def parse_args(argv):
         prog="python -m experiments.demo", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
+    runs.one_line_errors(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -49,19 +53,37 @@ def parse_args(argv):
     p.add_argument("--bn-batches", type=int, default=2, help="batches to re-estimate BN statistics")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
+    text = args.sparsities
     try:
-        args.sparsities = [float(s) for s in args.sparsities.split(",")]
+        args.sparsities = [float(s) for s in text.split(",")]
     except ValueError:
-        p.error(f"--sparsities {args.sparsities!r}: expected comma-separated numbers in (0, 1)")
-    for s in args.sparsities:
-        if not 0.0 < s < 1.0:
-            p.error(f"--sparsities: {s} is outside (0, 1)")
+        args.sparsities = None
+    if (not args.sparsities or len(set(args.sparsities)) != len(args.sparsities)
+            or not all(math.isfinite(s) and 0.0 < s < 1.0 for s in args.sparsities)):
+        runs.fail(f"--sparsities={text!r} is not allowed: expected comma-separated fractions "
+                  "in (0, 1), each once")
     for name in ("pretrain_epochs", "retrain_epochs", "batch_size", "steps", "particles",
                  "prune_batch_size", "bn_batches"):
         if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.radius < 1.0:
-        p.error(f"--radius must be >= 1, got {args.radius}")
+            runs.fail(f"--{name.replace('_', '-')}={getattr(args, name)!r} is not allowed: "
+                      "expected an integer >= 1")
+    train_size = len(load_digits(seed=args.seed).x_train) if args.seed >= 0 else 0
+    checks = [
+        ("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
+        ("--batch-size", args.batch_size, args.batch_size <= train_size,
+         f"at most the {train_size} training digits"),
+        ("--prune-batch-size", args.prune_batch_size, args.prune_batch_size <= train_size,
+         f"at most the {train_size} training digits"),
+        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
+        ("--radius", args.radius, math.isfinite(args.radius) and args.radius >= 1.0, ">= 1"),
+        ("--repulsion", args.repulsion, math.isfinite(args.repulsion) and args.repulsion >= 0,
+         ">= 0"),
+    ]
+    problem = runs.out_problem(args.out)
+    checks.append(("--out", args.out, problem is None, problem or ""))
+    for flag, value, ok, allowed in checks:
+        if not ok:
+            runs.fail(f"{flag}={value!r} is not allowed: expected {allowed}")
     return args
 
 
@@ -82,6 +104,16 @@ def prune(pruner, args, loss_fn, params, data, sparsity, index):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except FloatingPointError as err:
+        # Training or SFPK diverged. The demo keeps no checkpoints (it takes
+        # minutes): nothing is written yet, so just start again.
+        runs.fail(f"{err}; start again with a smaller --lr (now {args.lr:g}) or, for SFPK, a "
+                  "smaller --radius")
+
+
+def _run(args) -> int:
     try:
         out = io.prepare_out_dir(args.out, overwrite=args.overwrite)
     except (io.OutputExistsError, PermissionError) as err:

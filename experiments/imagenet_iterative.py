@@ -9,7 +9,8 @@ density being their mean G) with the fine-tuned weights, then fine-tunes
 with the mask held fixed. Defaults follow the official example: ResNet-50,
 K=150, n=10, r=5.5, mini-batch 256, 10 pruning rounds, 50 final epochs,
 label smoothing 0.1; ``--accum-steps`` accumulates gradients to reach the
-batch size on small accelerators.
+batch size on small accelerators. Every round is checkpointed: a killed run
+continues with the same flags plus ``--resume`` (see docs/long_runs.md).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import sys
 import time
 
-from sfpk_jax import checkpoints, runs
+from sfpk_jax import runs
 from sfpk_jax.models import load_pretrained
 from sfpk_jax.training import evaluate_batches
 
@@ -38,45 +39,45 @@ def parse_args(argv=None):
     g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--pretrained-weights", default=None,
                    help="safetensors file in torchvision/timm naming for the dense model")
-    args = runs.finish_args(parser, argv)
-    for flag in ("rounds", "round_epochs", "accum_steps"):
-        if getattr(args, flag) < 1:
-            parser.error(f"--{flag.replace('_', '-')}={getattr(args, flag)} is not allowed: "
-                         "expected an integer >= 1")
-    if args.batch_size % args.accum_steps:
-        parser.error(f"--batch-size={args.batch_size} must be divisible by --accum-steps="
-                     f"{args.accum_steps}")
-    return args
+    return runs.finish_args(parser, argv, needs_dense=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle, out, metrics, apply_fn, variables = runs.setup(args)
+    bundle = runs.open_data(args)
+    apply_fn, variables = runs.build_model(args, bundle)
     if args.pretrained_weights:
+        # Read before anything is written: a bad file stops the run right away.
         try:
             variables = load_pretrained(args.model, variables, args.pretrained_weights)
         except (OSError, ValueError) as err:
             runs.fail(f"--pretrained-weights: {err}")
-        args.dense_checkpoint = None
-    elif not args.dense_checkpoint and args.pretrain_epochs < 1:
-        runs.fail("no dense model: pass --pretrained-weights FILE, --dense-checkpoint PATH "
-                  "or --pretrain-epochs N")
+    out = runs.start(args)
+    metrics = runs.Metrics(out / "metrics.csv")
     if not args.pretrained_weights:
         variables = runs.dense_model(args, bundle, apply_fn, variables, out, metrics)
     _, test = runs.loaders(args, bundle, args.seed)
-    dense_acc = evaluate_batches(apply_fn, variables, test.epoch(0))
+    dense_acc = runs.remember(args, "dense_acc",
+                              lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
+                              variables)
 
+    # Every step below is checkpointed or remembered, so a --resume replays the
+    # finished rounds from their checkpoints (cheaply) and continues where the
+    # run stopped; the particles carried between rounds come back with the
+    # pruning results.
     target = 1.0 - args.sparsity
     previous, rounds, prune_s, finetune_s = None, [], 0.0, 0.0
     for e in range(args.rounds):
         sparsity = 1.0 - target ** ((e + 1) / args.rounds)
         pruned = runs.prune_model(args, bundle, apply_fn, variables, sparsity,
-                                  init=previous, seed_offset=e)
+                                  init=previous, seed_offset=e, name=f"round{e + 1}")
         prune_s += pruned.seconds
         if args.pruner in ("sfpk", "spode"):
             previous = pruned.result
         variables = runs.recompute_bn(args, bundle, apply_fn, variables, pruned.masks)
-        acc_pruned = evaluate_batches(apply_fn, variables, test.epoch(0))
+        acc_pruned = runs.remember(args, f"acc_pruned_round{e + 1}",
+                                   lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
+                                   variables)
         epochs = args.epochs if e == args.rounds - 1 else args.round_epochs
         t0 = time.perf_counter()
         variables, accs = runs.fit(apply_fn, variables, args, bundle, epochs=epochs,
@@ -85,10 +86,10 @@ def main(argv=None) -> int:
         finetune_s += time.perf_counter() - t0
         rounds.append({"round": e + 1, "sparsity": sparsity, "acc_pruned": acc_pruned,
                        "acc_finetuned": accs[-1], "prune_seconds": pruned.seconds})
-        checkpoints.save(out / "checkpoints" / f"round{e + 1}",
-                         {"variables": variables, "masks": pruned.masks}, overwrite=args.overwrite)
-    checkpoints.save(out / "checkpoints" / "final", {"variables": variables, "masks": pruned.masks},
-                     overwrite=args.overwrite)
+        runs.save_checkpoint(args, out / "checkpoints" / f"round{e + 1}",
+                             {"variables": variables, "masks": pruned.masks})
+    runs.save_checkpoint(args, out / "checkpoints" / "final",
+                         {"variables": variables, "masks": pruned.masks})
     trace = getattr(pruned.result, "trace", None)
     results = {
         **runs.summarize(accs),

@@ -6,6 +6,8 @@ CIFAR recipe (the common one for CIFAR ResNets/VGG): 160 epochs at batch 128,
 SGD with momentum 0.9, lr 0.1 on a cosine schedule, weight decay 5e-4,
 pad-4 random crop + flip augmentation. The checkpoint is written to
 ``OUT/checkpoints/dense``; pass it to the others with ``--dense-checkpoint``.
+Every epoch is checkpointed: a killed run continues with the same flags plus
+``--resume`` (see docs/long_runs.md).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import argparse
 import sys
 import time
 
-from sfpk_jax import checkpoints, runs
+from sfpk_jax import runs
 
 
 def parse_args(argv=None):
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     variables, accs = runs.fit(apply_fn, variables, args, bundle, epochs=args.epochs,
                                metrics=metrics, phase="pretrain")
     train_s = time.perf_counter() - t0
-    checkpoints.save(out / "checkpoints" / "dense", variables, overwrite=args.overwrite)
+    runs.save_checkpoint(args, out / "checkpoints" / "dense", variables)
     results = {**runs.summarize(accs), "density": 1.0, "train_seconds": train_s,
                "checkpoint": str(out / "checkpoints" / "dense")}
     runs.write_outputs(out, results, metrics)

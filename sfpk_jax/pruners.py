@@ -22,11 +22,12 @@ class PruneResult(NamedTuple):
 
 
 def _sfpk(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, config=None,
-          init=None, checkpoint=None):
+          init=None, checkpoint=None, mesh=None):
     """SFPK (Mo, Shi & Pan, ICLR 2025), the spec's defaults unless ``config`` says otherwise."""
     config = config or SFPKConfig()
     config = config.replace(scope=scope, mask_dim=mask_dim or config.mask_dim)
-    return sfpk_prune(loss_fn, params, batches, sparsity, config, prunable, key, init, checkpoint)
+    return sfpk_prune(loss_fn, params, batches, sparsity, config, prunable, key, init, checkpoint,
+                      mesh)
 
 
 def _spode(loss_fn, params, batches, sparsity, *, config=None, **kwargs):
@@ -143,8 +144,9 @@ def prune(
       **options: method options:
 
         * ``sfpk``, ``spode``: ``config`` (an :class:`SFPKConfig`),
-          ``init`` (an earlier result) and ``checkpoint`` (a
-          :class:`sfpk_jax.resume.CheckpointPolicy`); ``batches`` may also be
+          ``init`` (an earlier result), ``checkpoint`` (a
+          :class:`sfpk_jax.resume.CheckpointPolicy`) and ``mesh`` (for
+          ``particle_mode="shard"``); ``batches`` may also be
           a function ``start -> iterable`` (see :func:`sfpk_jax.sfpk_prune`).
         * ``snip``: ``num_batches`` (default 1).
         * ``grasp``: ``logits_fn(params, x) -> logits`` (required),

@@ -257,14 +257,23 @@ def make_stepper(
     return Stepper(step=fused, energies=jax.jit(batched))
 
 
-def default_mesh(particles: int) -> jax.sharding.Mesh:
+def default_mesh(particles: int, batch_axis: int = 1) -> jax.sharding.Mesh:
     """The mesh of ``shard`` mode: as many devices as evenly share the particles.
 
-    That is the largest divisor of ``particles`` not above the device count,
-    e.g. 5 of 8 devices for 10 particles.
+    Args:
+      particles: the number of particles n.
+      batch_axis: devices that split each particle's mini-batch.
+
+    Returns:
+      A :func:`sfpk_jax.sharding.particle_mesh` whose particle axis is the
+      largest divisor of n that fits the devices, e.g. 5 of 8 devices for 10
+      particles.
     """
-    count = max(d for d in range(1, len(jax.devices()) + 1) if particles % d == 0)
-    return sharding.particle_mesh(jax.devices()[:count])
+    devices = jax.devices()
+    if not 1 <= batch_axis <= len(devices):
+        raise ValueError(f"batch_axis={batch_axis} must lie in [1, {len(devices)}] (the devices)")
+    count = max(d for d in range(1, len(devices) // batch_axis + 1) if particles % d == 0)
+    return sharding.particle_mesh(devices[: count * batch_axis], batch_axis=batch_axis)
 
 
 def check_sparsity(sparsity) -> float:
@@ -416,6 +425,10 @@ def sfpk_prune(
             f"{dict(mesh.shape)[sharding.PARTICLES]} particle devices: use a multiple of that "
             "many particles or a mesh over fewer devices"
         )
+    if config.particle_mode == "shard":
+        mesh = mesh or default_mesh(config.particles)
+        # Params may live on other devices (e.g. replicated by data-parallel training).
+        params = sharding.replicate(params, mesh)
     layout = MaskLayout.from_params(params, prunable, config.mask_dim)
     theta = layout.gather(params)
     _check_finite(layout, theta)
@@ -444,6 +457,10 @@ def sfpk_prune(
     finally:
         if checkpoints is not None:
             checkpoints.close()
+    if config.particle_mode == "shard":
+        # Through the host, so that the (small) result is not committed to the
+        # mesh and combines with arrays placed anywhere, like the other modes'.
+        state, theta = jax.tree.map(jnp.asarray, jax.device_get((state, theta)))
     remove = thresholds.remove_counts(layout.mask_sizes, mask_sparsity, config.scope)
     final = [
         jnp.where(structure.abs_weight(t, s.shape) != 0, s, 0.0)

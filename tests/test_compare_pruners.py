@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 
 from benchmarks import compare_pruners
+from sfpk_jax import runs
 
 
 def test_compare_pruners_smoke(tmp_path):
@@ -33,3 +35,25 @@ def test_compare_pruners_rejects_unknown_pruner(tmp_path, capsys):
         compare_pruners.main(["--out", str(tmp_path / "x"), "--pruners", "sfpk,oracle"])
     assert exc.value.code == 2
     assert "oracle" in capsys.readouterr().err
+
+
+def test_synflow_iterations_flag(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        compare_pruners.parse_args(["--out", str(tmp_path / "x"), "--synflow-iterations", "0"])
+    assert exc.value.code == 2
+    assert "--synflow-iterations=0" in capsys.readouterr().err
+    assert compare_pruners.parse_args(["--out", str(tmp_path / "x")]).synflow_iterations == 1
+
+
+def test_synflow_iterations_reach_synflow_only(monkeypatch):
+    seen = {}
+    monkeypatch.setattr(runs, "prune", lambda method, *a, **kw: seen.setdefault(method, kw)
+                        and types.SimpleNamespace(masks={}))
+    args = types.SimpleNamespace(pruner="synflow", synflow_iterations=5, scope="global", seed=0,
+                                 mask_dim=None)
+    bundle = types.SimpleNamespace(image_shape=(8, 8, 1))
+    runs._prune(args, bundle, None, {"params": {}}, 0.9, None, 0, "x")
+    assert seen["synflow"]["iterations"] == 5
+    rows = [{"pruner": "synflow", "sparsity": 0.9, "acc_pruned": 0.5, "acc_pruned_std": 0.0,
+             "acc_retrained": 0.6, "acc_retrained_std": 0.0, "prune_seconds": 1.0}]
+    assert "| synflow (5 rounds) | 90% |" in compare_pruners.markdown(rows, [0.9], 5)

@@ -146,6 +146,16 @@ def _worker(inputs: str, out: str) -> None:
     arrays.update(_flat("e2e/masks", result.masks))
     arrays.update(_flat("e2e/scores", result.scores))
     info["default_mesh/10"] = dict(default_mesh(10).shape)
+    info["default_mesh/6x2"] = dict(default_mesh(6, batch_axis=2).shape)
+
+    # The experiments' device flags, end to end at smoke size.
+    from experiments import cifar100_oneshot
+    run = Path(out).parent / "oneshot"
+    info["oneshot/exit"] = cifar100_oneshot.main([
+        "--out", str(run), "--smoke", "--dataset", "digits", "--model", "small_cnn",
+        "--pretrain-epochs", "1", "--epochs", "1", "--particles", "4", "--particle-mode", "shard",
+        "--mesh-batch", "2", "--data-parallel", "--no-progress"])
+    info["oneshot/density"] = json.loads((run / "results.json").read_text())["density"]
     np.savez(out + ".npz", **arrays)
     Path(out + ".json").write_text(json.dumps(info))
 
@@ -231,6 +241,7 @@ def test_shard_mode_prunes_like_the_loop(eight, cnn):
     arrays, info = eight
     # 10 particles share 5 of the 8 devices evenly.
     assert info["default_mesh/10"] == {"particles": 5, "batch": 1}
+    assert info["default_mesh/6x2"] == {"particles": 3, "batch": 2}
     result = sfpk_prune(cnn.loss_fn, cnn.params, cnn.particle_batches(N, seed=3), 0.8,
                         SFPKConfig(particle_mode="loop", **E2E))
     for i, mask in enumerate(jax.tree.leaves(result.masks)):
@@ -297,3 +308,9 @@ def test_a_mesh_needs_shard_mode_and_a_fitting_particle_count(mlp):
                       SFPKConfig(particle_mode="loop", **E2E))
     for a, b in zip(jax.tree.leaves(result.masks), jax.tree.leaves(loop.masks)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_experiments_run_sharded_and_data_parallel(eight):
+    _, info = eight
+    assert info["oneshot/exit"] == 0
+    assert info["oneshot/density"] == pytest.approx(0.05, abs=2e-3)

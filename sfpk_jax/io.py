@@ -118,8 +118,8 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()
 
 
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Writes ``text`` atomically: a temporary file in the same folder, then a rename.
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes ``data`` atomically: a temporary file in the same folder, then a rename.
 
     The temporary file (``.NAME.*.tmp``) is flushed to disk before it is
     renamed over ``path``, so a reader (or a later run) sees either the old
@@ -130,8 +130,8 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
@@ -140,6 +140,11 @@ def write_text(path: str | os.PathLike, text: str) -> None:
         Path(tmp).unlink(missing_ok=True)
         raise
     _sync_dir(path.parent)
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes ``text`` (UTF-8) atomically, as :func:`write_bytes` does."""
+    write_bytes(path, text.encode())
 
 
 def _sync_dir(folder: Path) -> None:

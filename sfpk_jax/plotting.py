@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io as _io
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -10,11 +12,15 @@ matplotlib.use("Agg")  # files only; experiments run headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from sfpk_jax import io  # noqa: E402
+
 
 def _save(fig, path: str) -> None:
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    buffer = _io.BytesIO()
+    fig.savefig(buffer, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
+    io.write_bytes(path, buffer.getvalue())
 
 
 def accuracy_vs_sparsity(records: Sequence[Mapping], path: str, dense_acc: float | None = None) -> None:

@@ -67,7 +67,7 @@ def trained_like_variables(module, input_shape, seed: int = 0) -> dict:
             x = rng.uniform(0.5, 2.0, shape)
         else:  # conv/dense biases, batch-norm shifts and means
             x = 0.5 * rng.standard_normal(shape)
-        return jnp.asarray(x, leaf.dtype)
+        return np.asarray(x, leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, dict(shapes))
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import sfpk_jax
 from benchmarks import shrink_speed
-from sfpk_jax.masks import path_to_str
 from sfpk_jax.models import make_apply_fn
 from sfpk_jax.models.small_cnn import MLP, SmallCNN
 from sfpk_jax.models.vgg import VGG
@@ -22,27 +20,6 @@ from sfpk_jax.shrink import shrink
 PLAN = (4, 6, "M", 8)
 IMAGE = (8, 8, 3)
 CLASSES = 5
-
-
-def random_variables(module, input_shape, seed=0):
-    """Variables spread as after training: masked channels emit non-zero constants."""
-    shapes = jax.eval_shape(
-        lambda: module.init(jax.random.key(0), jnp.zeros((1, *input_shape)), train=False))
-    rng = np.random.default_rng(seed)
-
-    def fill(path, leaf):
-        name, shape = path_to_str(path), leaf.shape
-        if name.endswith("kernel"):
-            x = rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[:-1]))
-        elif name.endswith("var"):
-            x = rng.uniform(0.5, 2.0, shape)
-        elif name.endswith("scale"):
-            x = rng.uniform(0.5, 1.5, shape)
-        else:
-            x = rng.standard_normal(shape)
-        return np.asarray(x, np.float32)
-
-    return jax.tree_util.tree_map_with_path(fill, dict(shapes))
 
 
 def no_masks(params):
@@ -69,7 +46,7 @@ def assert_same_logits(module, variables, masks, shrunk, input_shape, seed=3):
 @pytest.fixture(scope="module")
 def tiny_vgg():
     module = VGG(plan=PLAN, num_classes=CLASSES)
-    variables = random_variables(module, IMAGE)
+    variables = shrink_speed.trained_like_variables(module, IMAGE)
     # Layer 0: channel 1 surely emits a positive constant, channel 3 surely 0.
     variables["params"]["layers_0"]["bn"]["bias"][1] = 3.0
     variables["params"]["layers_0"]["bn"]["bias"][3] = -30.0
@@ -132,7 +109,7 @@ def test_vgg_fully_pruned_layers_keep_one_channel(tiny_vgg):
 @pytest.mark.parametrize("mask_dim", ["out", "in"])
 def test_mlp_is_exact_and_narrower(mask_dim):
     module = MLP(num_classes=4, hidden=12)
-    variables = random_variables(module, (8, 8, 1), seed=1)
+    variables = shrink_speed.trained_like_variables(module, (8, 8, 1), seed=1)
     masks = no_masks(variables["params"])
     dead = [0, 3, 4, 7, 11]
     if mask_dim == "out":
@@ -153,7 +130,7 @@ def test_mlp_is_exact_and_narrower(mask_dim):
 
 def test_mlp_by_registry_name():
     module = MLP(num_classes=10)
-    variables = random_variables(module, (8, 8, 1), seed=2)
+    variables = shrink_speed.trained_like_variables(module, (8, 8, 1), seed=2)
     masks = no_masks(variables["params"])
     masks["Dense_0"]["kernel"] = channel_mask(64, range(32), "out", 2)
     shrunk = shrink("mlp", variables, sfpk_jax.PruneResult(masks))  # a pruner's result works too

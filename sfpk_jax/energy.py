@@ -69,6 +69,13 @@ def _cast_floats(tree: Any, dtype: str) -> Any:
     )
 
 
+def stack_outputs(outputs) -> tuple[jax.Array, list]:
+    """One ``(E, grad E)`` per particle -> ``(E (n,), grad leaves (n, ...))``."""
+    energy = jnp.stack([e for e, _ in outputs])
+    grads = [jnp.stack(leaf) for leaf in zip(*(g for _, g in outputs))]
+    return energy, grads
+
+
 def all_particles(energy_fn: EnergyFn, mode: str, chunk: int) -> EnergyFn:
     """E and grad E for every particle at once (``vmap`` or chunked ``map``).
 

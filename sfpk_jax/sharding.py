@@ -67,12 +67,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sfpk_jax.energy import EnergyFn
+from sfpk_jax.energy import EnergyFn, stack_outputs
 from sfpk_jax.masks import path_to_str
 
 PARTICLES = "particles"
@@ -148,12 +147,6 @@ def _leading(tree: PyTree, what: str):
     return [(path_to_str(p) or what, leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
 
 
-def _stack(outputs: list) -> tuple[jax.Array, list]:
-    energy = jnp.stack([e for e, _ in outputs])
-    grads = [jnp.stack(leaf) for leaf in zip(*(g for _, g in outputs))]
-    return energy, grads
-
-
 def sharded_energies(energy_fn: EnergyFn, mesh: Mesh):
     """E and grad E of every particle, the particles split over the mesh.
 
@@ -204,7 +197,7 @@ def sharded_energies(energy_fn: EnergyFn, mesh: Mesh):
             energy_fn(params, [m[i] for m in particles], jax.tree.map(lambda x: x[i], batch))
             for i in range(per_device)
         ]
-        return _stack(outputs)
+        return stack_outputs(outputs)
 
     mapped = jax.shard_map(
         local,

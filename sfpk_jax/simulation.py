@@ -189,12 +189,6 @@ class Stepper(NamedTuple):
     energies: Callable[[Any, list, Any], tuple[jax.Array, list]]
 
 
-def _stack(outputs):
-    energy = jnp.stack([e for e, _ in outputs])
-    grads = [jnp.stack(leaf) for leaf in zip(*(g for _, g in outputs))]
-    return energy, grads
-
-
 def make_stepper(
     loss_fn: Callable,
     layout: MaskLayout,
@@ -235,9 +229,10 @@ def make_stepper(
             return tuple(one_particle(params, particles, batch, jnp.int32(i)) for i in range(n))
 
         combine = jax.jit(
-            lambda params, state, outs: update(params, state, *_stack(outs)), donate_argnums=1
+            lambda params, state, outs: update(params, state, *energy_lib.stack_outputs(outs)),
+            donate_argnums=1,
         )
-        stack = jax.jit(_stack)
+        stack = jax.jit(energy_lib.stack_outputs)
         return Stepper(
             step=lambda params, state, batch: combine(
                 params, state, outputs(params, state.particles, batch)

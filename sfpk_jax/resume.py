@@ -15,14 +15,12 @@ complete, so a run killed while saving leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
-from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-import orbax.checkpoint as ocp
+
+from sfpk_jax import checkpoints
 
 # Fields that change how the work is scheduled, not what is computed. The
 # particle mode may still change float rounding: bit-for-bit resumption needs
@@ -70,15 +68,12 @@ def fingerprint(config, sparsity: float, paths, theta, mask_shapes) -> dict[str,
     Returns:
       A JSON-able dict.
     """
-    digest = hashlib.sha256()
-    for t in theta:
-        digest.update(np.ascontiguousarray(jax.device_get(t)).tobytes())
     fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in _SCHEDULING_FIELDS}
     return {
         "config": fields,
         "sparsity": sparsity,
         "leaves": {p: list(s) for p, s in zip(paths, mask_shapes)},
-        "weights_sha256": digest.hexdigest(),
+        "weights_sha256": checkpoints.tree_digest(list(theta)),
     }
 
 
@@ -94,28 +89,29 @@ def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
 
 
 class SimulationCheckpoints:
-    """The checkpoints of one simulation (used by :func:`sfpk_jax.sfpk_prune`)."""
+    """The checkpoints of one simulation (used by :func:`sfpk_jax.sfpk_prune`).
+
+    A :class:`sfpk_jax.checkpoints.Series` whose steps are simulation steps
+    and whose records hold the fingerprint and the trace so far.
+    """
 
     def __init__(self, policy: CheckpointPolicy, fingerprint: dict[str, Any]):
         """Opens ``policy.directory``; refuses to overwrite an earlier run.
 
         Raises:
-          ResumeError: the directory holds checkpoints and ``resume`` is False.
+          ResumeError: the directory holds checkpoints and ``resume`` is False,
+            or it cannot be used.
         """
         self.policy = policy
         self.fingerprint = fingerprint
-        self.directory = Path(policy.directory).absolute()
+        self.series = checkpoints.Series(policy.directory)
+        self.directory = self.series.directory
         try:
-            self.manager = ocp.CheckpointManager(
-                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
-            )
-        except OSError as err:
-            raise ResumeError(
-                f"cannot use {self.directory} for SFPK checkpoints: {err}; choose a writable folder"
-            ) from None
-        latest = self.manager.latest_step()
+            latest = self.series.latest()
+        except checkpoints.CheckpointError as err:
+            raise ResumeError(f"{err}; choose a writable folder for SFPK checkpoints") from None
         if latest is not None and not policy.resume:
-            self.manager.close()
+            self.series.close()
             raise ResumeError(
                 f"{self.directory} already holds SFPK checkpoints (up to step {latest}) of an "
                 "earlier run: resume it (resume=True, --resume), or remove the folder to start "
@@ -129,56 +125,38 @@ class SimulationCheckpoints:
           template: a state of the expected structure, shapes and dtypes.
 
         Raises:
-          ResumeError: the checkpoint is unreadable or from a different run.
+          ResumeError: the checkpoint is unreadable, damaged or from a
+            different run.
         """
-        step = self.manager.latest_step()
+        step = self.series.latest()
         if step is None:
             return None
-        where = self.directory / str(step)
+        fix = "remove it to resume from the one before, or start again with --overwrite"
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
-        except Exception as err:  # noqa: BLE001 - orbax raises many types for a damaged folder
-            raise ResumeError(
-                f"SFPK checkpoint {where} is unreadable ({type(err).__name__}: {err}); remove it "
-                "to resume from the one before, or start again with --overwrite"
-            ) from None
-        diffs = _differences(meta["fingerprint"], self.fingerprint)
-        if diffs:
-            raise ResumeError(
-                f"SFPK checkpoint {where} is from a different run: " + "; ".join(diffs)
-                + ". Resume with the original settings, or start again with --overwrite"
-            )
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), template)
-        try:
-            state = self.manager.restore(
-                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
-            ).state
-        except Exception as err:  # noqa: BLE001 - as above
-            raise ResumeError(
-                f"SFPK checkpoint {where} is truncated or damaged ({type(err).__name__}: {err}); "
-                "remove it to resume from the one before, or start again with --overwrite"
-            ) from None
-        return state, meta["trace"]
+            record = self.series.record(step)
+            diffs = _differences(record["fingerprint"], self.fingerprint)
+            if diffs:
+                raise ResumeError(
+                    f"SFPK checkpoint {self.directory / str(step)} is from a different run: "
+                    + "; ".join(diffs)
+                    + ". Resume with the original settings, or start again with --overwrite"
+                )
+            state, _ = self.series.restore(step, template)
+        except checkpoints.CheckpointError as err:
+            raise ResumeError(f"SFPK {err}; {fix}") from None
+        return state, record["trace"]
 
     def save(self, step: int, state, trace: dict[str, list]) -> None:
         """Checkpoints ``state`` (after ``step`` steps) and the trace so far.
 
-        Orbax copies the arrays to the host before returning, so the caller
-        may donate the state's buffers to the next step right away.
+        The save is complete on disk when this returns, so the caller may
+        donate the state's buffers to the next step right away.
         """
-        if step == self.manager.latest_step():
+        if step == self.series.latest():
             return  # the simulation is deterministic: this state is already saved
         trace_json = {k: np.asarray(v).tolist() for k, v in trace.items()}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                meta=ocp.args.JsonSave({"fingerprint": self.fingerprint, "trace": trace_json}),
-            ),
-            force=True,
-        )
+        self.series.save(step, state, {"fingerprint": self.fingerprint, "trace": trace_json})
 
     def close(self) -> None:
-        """Waits for pending writes and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Releases the checkpoint manager."""
+        self.series.close()

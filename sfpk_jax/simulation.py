@@ -226,6 +226,8 @@ def make_stepper(
 
         def outputs(params, particles, batch):
             n = particles[0].shape[0]
+            # One host-to-device copy of the step's batch, not one per particle.
+            batch = jax.device_put(batch)
             return tuple(one_particle(params, particles, batch, jnp.int32(i)) for i in range(n))
 
         combine = jax.jit(
@@ -240,16 +242,32 @@ def make_stepper(
             energies=lambda params, particles, batch: stack(outputs(params, particles, batch)),
         )
 
-    if config.particle_mode == "shard":
-        batched = sharding.sharded_energies(energy_fn, mesh or default_mesh(config.particles))
-    else:
+    if config.particle_mode != "shard":
         batched = energy_lib.all_particles(energy_fn, config.particle_mode, config.particle_chunk)
 
-    @functools.partial(jax.jit, donate_argnums=1)
-    def fused(params, state, batch):
+        @functools.partial(jax.jit, donate_argnums=1)
+        def fused(params, state, batch):
+            return update(params, state, *batched(params, state.particles, batch))
+
+        return Stepper(step=fused, energies=jax.jit(batched))
+
+    mesh = mesh or default_mesh(config.particles)
+    batched = sharding.sharded_energies(energy_fn, mesh)
+    # The state keeps one placement (particles split, the rest replicated, the
+    # trace replicated for the host), so the step compiles once, not again
+    # when the first step's outputs come back sharded.
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.PARTICLES))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    placement = SFPKState([split] * len(layout.paths), [whole] * len(layout.paths), whole, whole)
+
+    @functools.partial(jax.jit, donate_argnums=1, out_shardings=(placement, whole))
+    def sharded(params, state, batch):
         return update(params, state, *batched(params, state.particles, batch))
 
-    return Stepper(step=fused, energies=jax.jit(batched))
+    return Stepper(
+        step=lambda params, state, batch: sharded(params, jax.device_put(state, placement), batch),
+        energies=jax.jit(batched),
+    )
 
 
 def default_mesh(particles: int, batch_axis: int = 1) -> jax.sharding.Mesh:

@@ -17,12 +17,10 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 import sfpk_jax
-from sfpk_jax import models
+from benchmarks.common import build_problem
 from sfpk_jax.simulation import initial_state, make_stepper
-from sfpk_jax.training import make_loss_fn
 
 
 def time_mode(loss_fn, params, batch, mode: str, chunk: int, particles: int, repeats: int):
@@ -54,20 +52,14 @@ def main(argv=None):
                         help="comma list; map:K is lax.map in chunks of K particles")
     args = parser.parse_args(argv)
     shape = tuple(int(s) for s in args.input_shape.split(","))
-    apply_fn, variables = models.build(
-        args.model, num_classes=args.num_classes, input_shape=(1,) + shape
+    loss_fn, params, batch = build_problem(
+        args.model, shape, args.num_classes, args.particles, args.batch_size
     )
-    loss_fn = make_loss_fn(apply_fn, variables)
-    rng = np.random.default_rng(0)
-    batch = {
-        "image": rng.normal(size=(args.particles, args.batch_size) + shape).astype(np.float32),
-        "label": rng.integers(0, args.num_classes, (args.particles, args.batch_size)).astype(np.int32),
-    }
     results = {}
     for spec in args.modes.split(","):
         mode, _, chunk = spec.partition(":")
         results[spec] = time_mode(
-            loss_fn, variables["params"], batch, mode, int(chunk or 1), args.particles, args.repeats
+            loss_fn, params, batch, mode, int(chunk or 1), args.particles, args.repeats
         )
     fastest = min(results.values())
     print(f"{'mode':<8} {'median s/step':>14} {'x fastest':>10}")

@@ -25,10 +25,9 @@ from sfpk_jax import schedules, sharding, structure
 from sfpk_jax import sparsity as sparsity_lib
 from sfpk_jax import thresholds
 from sfpk_jax import voting
-from sfpk_jax import resume as resume_lib
 from sfpk_jax.config import SFPKConfig
 from sfpk_jax.masks import MaskLayout, Prunable, path_to_str
-from sfpk_jax.resume import CheckpointPolicy, SimulationCheckpoints
+from sfpk_jax.resume import CheckpointPolicy, SimulationCheckpoints, fingerprint
 
 TRACE_FIELDS = ("sparsity", "energy", "repulsion", "dt")
 
@@ -92,7 +91,8 @@ def _per_particle(fn, *args):
 
 def _not_finite(leaves: list) -> jax.Array:
     """(n,) True where any entry of a particle's leaves is NaN or Inf."""
-    return jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in leaves]), axis=0)
+    bad = [~jnp.all(jnp.isfinite(x), axis=tuple(range(1, x.ndim))) for x in leaves]
+    return jnp.any(jnp.stack(bad), axis=0)
 
 
 def _broadcast_step(dt: jax.Array, leaf: jax.Array, layer: int, scope: str) -> jax.Array:
@@ -458,7 +458,7 @@ def sfpk_prune(
     checkpoints = None
     if checkpoint is not None:
         checkpoints = SimulationCheckpoints(
-            checkpoint, resume_lib.fingerprint(config, sparsity, layout.paths, theta, layout.mask_shapes)
+            checkpoint, fingerprint(config, sparsity, layout.paths, theta, layout.mask_shapes)
         )
         restored = checkpoints.restore(state)
         if restored is not None:

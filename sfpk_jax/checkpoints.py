@@ -91,6 +91,21 @@ def tree_digest(tree: Any) -> str:
     return h.hexdigest()
 
 
+def differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
+    """``key: checkpoint X, now Y`` for every entry where two fingerprints differ.
+
+    Nested dicts are compared entry by entry (``config.radius: ...``).
+    """
+    out = []
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
+    return out
+
+
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), tree)
 

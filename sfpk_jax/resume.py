@@ -77,17 +77,6 @@ def fingerprint(config, sparsity: float, paths, theta, mask_shapes) -> dict[str,
     }
 
 
-def _differences(saved: dict, now: dict, prefix: str = "") -> list[str]:
-    out = []
-    for key in sorted(set(saved) | set(now)):
-        a, b = saved.get(key, "<absent>"), now.get(key, "<absent>")
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += _differences(a, b, f"{prefix}{key}.")
-        elif a != b:
-            out.append(f"{prefix}{key}: checkpoint {a!r}, now {b!r}")
-    return out
-
-
 class SimulationCheckpoints:
     """The checkpoints of one simulation (used by :func:`sfpk_jax.sfpk_prune`).
 
@@ -134,7 +123,7 @@ class SimulationCheckpoints:
         fix = "remove it to resume from the one before, or start again with --overwrite"
         try:
             record = self.series.record(step)
-            diffs = _differences(record["fingerprint"], self.fingerprint)
+            diffs = checkpoints.differences(record["fingerprint"], self.fingerprint)
             if diffs:
                 raise ResumeError(
                     f"SFPK checkpoint {self.directory / str(step)} is from a different run: "

@@ -658,11 +658,6 @@ class Metrics:
         io.write_text(self.path, text.getvalue())
 
 
-def _differences(saved: dict, now: dict) -> list[str]:
-    return [f"{key}: checkpoint {saved.get(key, '<absent>')!r}, now {now.get(key, '<absent>')!r}"
-            for key in sorted(set(saved) | set(now)) if saved.get(key) != now.get(key)]
-
-
 _DAMAGED = ("pass --overwrite to start the run again (or, when the folder holds an earlier step, "
             "remove the damaged step's folder to resume from the one before)")
 
@@ -703,7 +698,7 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
             if latest is not None:
                 state, record = series.restore(latest, {"variables": variables,
                                                         "opt_state": opt_state})
-                diffs = _differences(record.get("fingerprint", {}), fingerprint)
+                diffs = checkpoints.differences(record.get("fingerprint", {}), fingerprint)
                 if diffs:
                     fail(f"--resume: checkpoint {series.directory / str(latest)} is not from this "
                          f"run's phase {phase!r}: {'; '.join(diffs)}. Resume with the run's "
@@ -810,7 +805,7 @@ def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None
             try:
                 if series.latest() is not None:
                     state, record = series.restore(series.latest())
-                    diffs = _differences(record.get("fingerprint", {}), fingerprint)
+                    diffs = checkpoints.differences(record.get("fingerprint", {}), fingerprint)
                     if diffs:
                         fail(f"--resume: the pruning checkpoint {series.directory} is not from "
                              f"this run: {'; '.join(diffs)}. Resume with the run's flags and "

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sfpk_jax import checkpoints
+from sfpk_jax import checkpoints, sharding
 
 # Fields that change how the work is scheduled, not what is computed. The
 # particle mode may still change float rounding: bit-for-bit resumption needs
@@ -144,7 +144,9 @@ class SimulationCheckpoints:
         if step == self.series.latest():
             return  # the simulation is deterministic: this state is already saved
         trace_json = {k: np.asarray(v).tolist() for k, v in trace.items()}
-        self.series.save(step, state, {"fingerprint": self.fingerprint, "trace": trace_json})
+        # On the host: with several processes no one process holds every particle.
+        self.series.save(step, sharding.to_host(state),
+                         {"fingerprint": self.fingerprint, "trace": trace_json})
 
     def close(self) -> None:
         """Releases the checkpoint manager."""

@@ -34,31 +34,34 @@ Several hosts (one process per host, every process runs the same program):
    holds every host's devices, ordered by process). Keep the ``"batch"`` axis
    no longer than one host's device count (``jax.local_device_count()``) so
    that its frequent all-reduces stay within a host.
-3. Feed each process only its own part of the data, as global arrays:
+3. Run the same calls on every process.
 
+   * SFPK: ``sfpk_prune(..., SFPKConfig(particle_mode="shard"))`` with the
+     same arguments everywhere. Every process's ``batches`` yields the whole
+     particle batch ``(n, B, ...)``, the same values on every host (e.g.
+     :func:`sfpk_jax.data.particle_loader` with one seed); each device
+     receives only its own slice (:func:`shard_particle_batch`). The default
+     mesh takes the same number of devices from every process. Checkpoints go
+     to a folder that every process sees (a shared file system). The result
+     (masks, scores, particles) is gathered onto every process.
    * retraining: each process's loader yields ``global_batch / P`` examples
      per step (e.g. seed it per process or shard the file list by
      ``jax.process_index()``); ``train_epoch(..., mesh=mesh)`` (or
      :func:`shard_batch`) assembles the global batch from the local parts.
-   * particles: each process holds the particles of its own devices (with
-     the default mesh, process p has particles ``p * n / P`` to
-     ``(p + 1) * n / P - 1``); :func:`shard_particles` and
-     :func:`shard_particle_batch` turn its ``(n / P, ...)`` particle leaves
-     and ``(n / P, B, ...)`` particle batch into the global ``(n, ...)``
-     arrays. Parameters and other replicated inputs must be identical on
-     every process; pass them through :func:`replicate`.
+     Parameters and other replicated inputs must be identical on every
+     process; pass them through :func:`replicate`.
 
-4. Read results back with ``jax.device_get`` only for replicated arrays (the
-   loss, the retrained variables); a particle-sharded array is not wholly
-   addressable from one process: gather it first
-   (``jax.experimental.multihost_utils.process_allgather(x, tiled=True)``).
+4. Read results back with :func:`to_host`: an array sharded over several
+   processes is not wholly addressable from one of them, and ``to_host``
+   all-gathers it (every process must call it).
 
 To rehearse this on one CPU machine, start P processes with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` each and, before
 ``jax.distributed.initialize(coordinator_address="127.0.0.1:12355",
 num_processes=P, process_id=i)``, call
 ``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` (CPU
-devices of different processes need it to communicate).
+devices of different processes need it to communicate);
+``tests/test_multihost.py`` does so with two processes.
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -261,15 +265,22 @@ def _host_local_devices(mesh: Mesh) -> int:
     return sum(d.process_index == me for d in mesh.devices.flat)
 
 
-def _place(leaf, sharding: NamedSharding, global_shape=None):
-    """A global array with ``sharding`` from a process-local or global value."""
+def _place(leaf, sharding: NamedSharding, *, whole: bool):
+    """A global array with ``sharding`` from a host or jax array.
+
+    ``whole``: every process holds the whole value, and each device receives
+    only its own slice of it, straight from the host; otherwise the leaf is
+    this process's part of the global array (its share of the examples).
+    """
     if isinstance(leaf, jax.Array):
         if leaf.sharding == sharding:
             return leaf
         if jax.process_count() == 1 or not leaf.is_fully_addressable:
-            # One process, or already a global array: a plain (re)shard.
             return jax.device_put(leaf, sharding)
-    return jax.make_array_from_process_local_data(sharding, np.asarray(leaf), global_shape)
+    host = np.asarray(leaf)
+    if whole:
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.make_array_from_process_local_data(sharding, host)
 
 
 def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
@@ -303,40 +314,42 @@ def shard_batch(batch: PyTree, mesh: Mesh) -> PyTree:
                 "partial batch)"
             )
     sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    return jax.tree.map(lambda x: _place(x, sharding), batch)
+    return jax.tree.map(lambda x: _place(x, sharding, whole=False), batch)
+
+
+def _particle_spec(leaf) -> P:
+    return P(PARTICLES, BATCH) if np.ndim(leaf) >= 2 else P(PARTICLES)
 
 
 def shard_particle_batch(batch: PyTree, mesh: Mesh) -> PyTree:
     """Places a particle batch ``(n, B, ...)``: n over ``"particles"``, B over ``"batch"``.
 
-    Optional with one process (``jax.jit`` moves a host batch itself), but it
-    saves a copy through one device; with several processes it is how each
-    process contributes the batches of its own particles.
+    ``sfpk_prune`` in ``shard`` mode does this to every step's batch. With
+    several processes every process passes the whole batch, the same values
+    everywhere (e.g. :func:`sfpk_jax.data.particle_loader` with the same seed
+    on every host), and each device receives only its own slice of it.
 
     Args:
-      batch: leaves with leading axis n (this process's particles with
-        several processes) and, for leaves of rank >= 2, the per-particle
-        examples on axis 1.
+      batch: leaves with leading axis n and, for leaves of rank >= 2, the
+        per-particle examples on axis 1; host arrays or jax arrays.
       mesh: a mesh from :func:`particle_mesh`.
 
     Returns:
       The batch as global arrays.
     """
     _check_mesh(mesh)
-    spec = lambda x: P(PARTICLES, BATCH) if np.ndim(x) >= 2 else P(PARTICLES)
-    return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, spec(x))), batch)
+    return jax.tree.map(lambda x: _place(x, NamedSharding(mesh, _particle_spec(x)), whole=True), batch)
 
 
 def shard_particles(tree: PyTree, mesh: Mesh) -> PyTree:
     """Places arrays with a leading particle axis n over ``"particles"`` (other axes whole).
 
     For the particle (mask) leaves and anything else per-particle, e.g. an
-    SFPK state's particles. With several processes each passes the rows of
-    its own particles.
+    SFPK state's particles. With several processes every process passes the
+    whole tree, the same values everywhere.
 
     Args:
-      tree: leaves with leading axis n (this process's share with several
-        processes).
+      tree: leaves with leading axis n.
       mesh: a mesh from :func:`particle_mesh`.
 
     Returns:
@@ -344,7 +357,18 @@ def shard_particles(tree: PyTree, mesh: Mesh) -> PyTree:
     """
     _check_mesh(mesh)
     sharding = NamedSharding(mesh, P(PARTICLES))
-    return jax.tree.map(lambda x: _place(x, sharding), tree)
+    return jax.tree.map(lambda x: _place(x, sharding, whole=True), tree)
+
+
+def to_host(tree: PyTree) -> PyTree:
+    """numpy copies of every leaf, also of arrays spread over several processes.
+
+    With several processes every process must call it (the arrays that are
+    not wholly on this process's devices are all-gathered).
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    return multihost_utils.process_allgather(tree, tiled=True)
 
 
 def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
@@ -359,4 +383,4 @@ def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
       The tree as fully replicated global arrays.
     """
     sharding = NamedSharding(mesh, P())
-    return jax.tree.map(lambda x: _place(x, sharding, np.shape(x)), tree)
+    return jax.tree.map(lambda x: _place(x, sharding, whole=True), tree)

@@ -264,9 +264,12 @@ def make_stepper(
     def sharded(params, state, batch):
         return update(params, state, *batched(params, state.particles, batch))
 
+    place = functools.partial(sharding.shard_particle_batch, mesh=mesh)
+    energies = jax.jit(batched)
     return Stepper(
-        step=lambda params, state, batch: sharded(params, jax.device_put(state, placement), batch),
-        energies=jax.jit(batched),
+        step=lambda params, state, batch: sharded(
+            params, jax.device_put(state, placement), place(batch)),
+        energies=lambda params, particles, batch: energies(params, particles, place(batch)),
     )
 
 
@@ -275,18 +278,31 @@ def default_mesh(particles: int, batch_axis: int = 1) -> jax.sharding.Mesh:
 
     Args:
       particles: the number of particles n.
-      batch_axis: devices that split each particle's mini-batch.
+      batch_axis: devices that split each particle's mini-batch (devices of
+        one process, so that its all-reduces stay within a host).
 
     Returns:
       A :func:`sfpk_jax.sharding.particle_mesh` whose particle axis is the
       largest divisor of n that fits the devices, e.g. 5 of 8 devices for 10
-      particles.
+      particles. With several processes every process contributes the same
+      number of its own devices, ordered by process.
+
+    Raises:
+      ValueError: ``batch_axis`` exceeds one process's devices, or (with
+        several processes) n is not a multiple of the process count.
     """
-    devices = jax.devices()
-    if not 1 <= batch_axis <= len(devices):
-        raise ValueError(f"batch_axis={batch_axis} must lie in [1, {len(devices)}] (the devices)")
-    count = max(d for d in range(1, len(devices) // batch_axis + 1) if particles % d == 0)
-    return sharding.particle_mesh(devices[: count * batch_axis], batch_axis=batch_axis)
+    processes, local = jax.process_count(), jax.local_device_count()
+    if not 1 <= batch_axis <= local:
+        raise ValueError(f"batch_axis={batch_axis} must lie in [1, {local}] (the devices of "
+                         "one process)")
+    per_process = max(
+        (k for k in range(1, local // batch_axis + 1) if particles % (k * processes) == 0), default=0)
+    if not per_process:
+        raise ValueError(f"{particles} particles do not split evenly over the {processes} "
+                         f"processes: use a multiple of {processes} particles")
+    devices = [d for p in range(processes)
+               for d in [d for d in jax.devices() if d.process_index == p][: per_process * batch_axis]]
+    return sharding.particle_mesh(devices, batch_axis=batch_axis)
 
 
 def check_sparsity(sparsity) -> float:
@@ -415,7 +431,9 @@ def sfpk_prune(
         exactly the masks and scores of an uninterrupted one.
       mesh: the devices over which ``particle_mode="shard"`` splits the
         particles (a :func:`sfpk_jax.sharding.particle_mesh`); by default as
-        many local devices as evenly share them.
+        many devices as evenly share them (:func:`default_mesh`). With several
+        processes (``jax.distributed``) every process calls ``sfpk_prune``
+        with the same arguments and batches; see :mod:`sfpk_jax.sharding`.
 
     Returns:
       An :class:`SFPKResult`.
@@ -438,8 +456,19 @@ def sfpk_prune(
             f"{dict(mesh.shape)[sharding.PARTICLES]} particle devices: use a multiple of that "
             "many particles or a mesh over fewer devices"
         )
+    if jax.process_count() > 1 and config.particle_mode != "shard":
+        raise ValueError(
+            f"with {jax.process_count()} processes (jax.distributed) SFPK splits the particles "
+            f"over every process's devices: use particle_mode='shard', not {config.particle_mode!r}"
+        )
     if config.particle_mode == "shard":
         mesh = mesh or default_mesh(config.particles)
+        idle = set(range(jax.process_count())) - {d.process_index for d in mesh.devices.flat}
+        if idle:
+            raise ValueError(
+                f"the mesh has no device of process(es) {sorted(idle)}; every process runs "
+                "sfpk_prune, so build the mesh over devices of all of them (default_mesh does)"
+            )
         # Params may live on other devices (e.g. replicated by data-parallel training).
         params = sharding.replicate(params, mesh)
     layout = MaskLayout.from_params(params, prunable, config.mask_dim)
@@ -473,7 +502,7 @@ def sfpk_prune(
     if config.particle_mode == "shard":
         # Through the host, so that the (small) result is not committed to the
         # mesh and combines with arrays placed anywhere, like the other modes'.
-        state, theta = jax.tree.map(jnp.asarray, jax.device_get((state, theta)))
+        state, theta = jax.tree.map(jnp.asarray, sharding.to_host((state, theta)))
     remove = thresholds.remove_counts(layout.mask_sizes, mask_sparsity, config.scope)
     final = [
         jnp.where(structure.abs_weight(t, s.shape) != 0, s, 0.0)

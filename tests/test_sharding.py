@@ -54,12 +54,16 @@ def _particle_inputs(model, n: int = N):
     return energy_fn, particles, batch
 
 
-def _train(cnn, mesh):
-    """One masked epoch of the tiny CNN (train-mode batch norm): 3 batches of 32."""
+def _train(cnn, mesh, rows: slice = slice(None)):
+    """One masked epoch of the tiny CNN (train-mode batch norm): 3 batches of 32.
+
+    ``rows``: the examples of each batch this process feeds (its part of the
+    global batch, with several processes).
+    """
     rng = np.random.default_rng(5)
     batches = [
-        {"image": rng.standard_normal((32,) + cnn.input_shape).astype(np.float32),
-         "label": rng.integers(0, 4, 32).astype(np.int32)}
+        {"image": rng.standard_normal((32,) + cnn.input_shape).astype(np.float32)[rows],
+         "label": rng.integers(0, 4, 32).astype(np.int32)[rows]}
         for _ in range(3)
     ]
     masks = jax.tree.map(lambda p: jnp.asarray(rng.random(p.shape) < 0.5, jnp.float32), cnn.params)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -26,7 +25,7 @@ from sfpk_jax import sharding
 from sfpk_jax.config import SFPKConfig
 from sfpk_jax.resume import CheckpointPolicy
 from sfpk_jax.simulation import default_mesh, sfpk_prune
-from test_sharding import _flat, _tiny_models, _train
+from test_sharding import ROOT, _error, _flat, _tiny_models, _train, worker_files
 
 PROCESSES, LOCAL_DEVICES, N, STEPS, SPARSITY = 2, 2, 4, 6, 0.8
 BROKEN_AT = 3  # the first run's batches end here, after the checkpoint of step 2
@@ -39,14 +38,6 @@ def _batches(model, stop: int = STEPS):
 
 def _config(mode: str) -> SFPKConfig:
     return SFPKConfig(particles=N, steps=STEPS, particle_mode=mode, progress=False)
-
-
-def _error(fn) -> str:
-    try:
-        fn()
-    except ValueError as err:
-        return str(err)
-    return ""
 
 
 def _worker(process: str, port: str, inputs: str, out: str) -> None:
@@ -103,21 +94,12 @@ def group(tmp_path_factory, mlp, cnn):
 
     Every process must end with the same results: they are gathered onto all.
     """
-    tmp = tmp_path_factory.mktemp("multihost")
-    inputs, out = str(tmp / "inputs.npz"), str(tmp / "group")
-    np.savez(inputs, **_flat("mlp", mlp.variables), **_flat("cnn", cnn.variables))
-    root = str(Path(__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={LOCAL_DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
+    inputs, out, env = worker_files(tmp_path_factory.mktemp("multihost"), mlp, cnn, LOCAL_DEVICES)
     port = str(_free_port())
     procs = [
         subprocess.Popen(
             [sys.executable, "-W", "error", __file__, str(p), port, inputs, out],
-            env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for p in range(PROCESSES)
     ]
     try:

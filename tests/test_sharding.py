@@ -40,6 +40,7 @@ DEVICES = 8
 N = 8  # particles
 E2E = dict(steps=6, particles=N, progress=False)
 ENERGY_TOL = dict(rtol=1e-5, atol=1e-6)
+ROOT = str(Path(__file__).resolve().parents[1])
 
 
 # Inputs, built the same way in this process and in the worker.
@@ -164,22 +165,30 @@ def _worker(inputs: str, out: str) -> None:
     Path(out + ".json").write_text(json.dumps(info))
 
 
+def worker_files(tmp: Path, mlp, cnn, devices: int) -> tuple[str, str, dict]:
+    """``(inputs, out, env)`` of a worker subprocess with ``devices`` CPU devices.
+
+    ``inputs`` holds the tiny models' variables (see :func:`_tiny_models`),
+    ``out`` is the prefix of the worker's result files.
+    """
+    inputs, out = str(tmp / "inputs.npz"), str(tmp / "out")
+    np.savez(inputs, **_flat("mlp", mlp.variables), **_flat("cnn", cnn.variables))
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "JAX_PLATFORMS": "cpu",
+        "PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])),
+    }
+    return inputs, out, env
+
+
 @pytest.fixture(scope="module")
 def eight(tmp_path_factory, mlp, cnn):
     """Runs ``_worker`` once with 8 simulated CPU devices; returns (arrays, info)."""
-    tmp = tmp_path_factory.mktemp("sharding")
-    inputs, out = str(tmp / "inputs.npz"), str(tmp / "eight")
-    np.savez(inputs, **_flat("mlp", mlp.variables), **_flat("cnn", cnn.variables))
-    root = str(Path(__file__).resolve().parents[1])
-    env = {
-        **os.environ,
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
-        "JAX_PLATFORMS": "cpu",
-        "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])),
-    }
+    inputs, out, env = worker_files(tmp_path_factory.mktemp("sharding"), mlp, cnn, DEVICES)
     # -W error: the same warnings policy as the suite.
     proc = subprocess.run(
-        [sys.executable, "-W", "error", __file__, inputs, out], env=env, cwd=root,
+        [sys.executable, "-W", "error", __file__, inputs, out], env=env, cwd=ROOT,
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -2,10 +2,11 @@
 
 Two processes with two simulated CPU devices each, talking over gloo, run
 this file as a script (``_worker``): an interrupted ``sfpk_prune`` in
-``shard`` mode with checkpoints, then its resume on another mesh. The tests
-compare the result with a one-device ``loop`` run in this process: masks
-exactly, scores to 1e-5 (splitting over devices and processes only reorders
-floating-point sums).
+``shard`` mode with checkpoints, then its resume on another mesh, and a
+data-parallel epoch with each process feeding half of every batch. The tests
+compare the results with one device in this process: masks exactly, scores,
+energies and retrained weights to 1e-5 (splitting over devices and processes
+only reorders floating-point sums).
 """
 
 from __future__ import annotations

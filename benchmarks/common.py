@@ -70,7 +70,7 @@ def build_problem(model: str, input_shape: tuple, num_classes: int, particles: i
     import jax
 
     from sfpk_jax import models
-    from sfpk_jax.training import make_loss_fn
+    from sfpk_jax.train import make_loss_fn
 
     apply_fn, variables = models.build(
         model, num_classes=num_classes, key=jax.random.key(seed), input_shape=(1,) + input_shape

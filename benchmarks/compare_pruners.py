@@ -18,9 +18,11 @@ import time
 
 import numpy as np
 
-from sfpk_jax import io, plotting, runs
+from sfpk_jax.harness import runs
 from sfpk_jax.pruners import PRUNERS
-from sfpk_jax.training import evaluate_batches
+from sfpk_jax.storage import files as io
+from sfpk_jax.tools import plots as plotting
+from sfpk_jax.train import evaluate_batches
 
 
 def parse_args(argv=None):

@@ -34,7 +34,7 @@ import numpy as np
 from jax import lax
 
 from sfpk_jax import models
-from sfpk_jax.training import cross_entropy, make_loss_fn
+from sfpk_jax.train import cross_entropy, make_loss_fn
 
 
 def _geometry(lhs, rhs, window_strides, padding):

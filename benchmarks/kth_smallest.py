@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfpk_jax.thresholds import kth_smallest
+from sfpk_jax.core.topk import kth_smallest
 
 
 def _median_seconds(fn, x, k, repeats):

@@ -20,7 +20,7 @@ import jax
 
 import sfpk_jax
 from benchmarks.common import build_problem
-from sfpk_jax.simulation import initial_state, make_stepper
+from sfpk_jax import initial_state, make_stepper
 
 
 def time_mode(loss_fn, params, batch, mode: str, chunk: int, particles: int, repeats: int):
@@ -28,7 +28,7 @@ def time_mode(loss_fn, params, batch, mode: str, chunk: int, particles: int, rep
     config = sfpk_jax.SFPKConfig(particles=particles, particle_mode=mode, particle_chunk=chunk)
     layout = sfpk_jax.MaskLayout.from_params(params)
     stepper = make_stepper(loss_fn, layout, config, target=0.05)
-    state = initial_state(layout, params, config)
+    state = initial_state(layout, config)
     state, trace = stepper.step(params, state, batch)  # compile
     jax.block_until_ready(trace)
     times = []

@@ -35,9 +35,10 @@ import jax.numpy as jnp
 
 import sfpk_jax
 from benchmarks.common import PeakRSS, build_problem, device_peak_mb
-from sfpk_jax import energy as energy_lib
-from sfpk_jax import sharding
-from sfpk_jax.simulation import default_mesh, initial_state, make_stepper
+from sfpk_jax import initial_state, make_stepper
+from sfpk_jax.parallel import sharding
+from sfpk_jax.parallel.sharding import default_mesh
+from sfpk_jax.sfpk import energy as energy_lib
 
 
 def make_bare(loss_fn, particles: int, mode: str, chunk: int):
@@ -94,7 +95,7 @@ def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=5
     layout = sfpk_jax.MaskLayout.from_params(params)
     stepper = make_stepper(loss_fn, layout, config, target=0.05)
     bare = make_bare(loss_fn, particles, mode, chunk)
-    state = initial_state(layout, params, config)
+    state = initial_state(layout, config)
 
     start = time.perf_counter()
     state, _ = jax.block_until_ready(stepper.step(params, state, batch))

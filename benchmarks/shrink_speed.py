@@ -4,7 +4,7 @@
 
 For each sparsity, layer-wise channel masks come from channel magnitude
 (``sfpk_jax.prune("magnitude", ..., scope="local", mask_dim=...)``) on the
-hidden layers only, so the classes stay; :func:`sfpk_jax.shrink.shrink` then
+hidden layers only, so the classes stay; :func:`sfpk_jax.tools.shrink.shrink` then
 drops the dead channels. Both models are jitted and timed in eval mode on the
 default JAX device (warm-up, then the median of ``--repeats`` runs of each,
 alternating so that both see the same load on a shared machine), and their
@@ -27,10 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 
 import sfpk_jax
-from sfpk_jax.flops import layer_costs, summary
-from sfpk_jax.masks import path_to_str
+from sfpk_jax.core.masks import path_to_str
 from sfpk_jax.models import make_apply_fn, small_cnn, vgg
-from sfpk_jax.shrink import shrink
+from sfpk_jax.tools.flops import layer_costs, summary
+from sfpk_jax.tools.shrink import shrink
 
 MODELS = ("vgg16_bn", "vgg19_bn", "mlp")
 TINY_VGG_PLAN = (8, 8, vgg.POOL, 16, 16)
@@ -104,7 +104,7 @@ def timed_pair(first, second, x, repeats: int) -> tuple[list[float], list[jax.Ar
 
 
 def costs(module, variables, input_shape) -> dict:
-    """Conv/dense parameters and multiply-adds per example (see :mod:`sfpk_jax.flops`)."""
+    """Conv/dense parameters and multiply-adds per example (see :mod:`sfpk_jax.tools.flops`)."""
     return summary(layer_costs(make_apply_fn(module), variables, jnp.zeros((1, *input_shape))))
 
 

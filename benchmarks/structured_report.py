@@ -5,7 +5,7 @@
 For each model, output-channel masks are computed from the weights by
 layer-wise channel magnitude (summed |theta|; the same code path any pruner's
 channel masks take) and every conv/dense layer's parameters and multiply-adds
-are counted before and under the masks (:mod:`sfpk_jax.flops`). Counts come
+are counted before and under the masks (:mod:`sfpk_jax.tools.flops`). Counts come
 from the masks alone: a removed output channel also idles the next layer's
 matching input channel, which this count does not credit (a physically
 shrunk model would). Writes ``report.json`` and ``report.md``.
@@ -19,9 +19,9 @@ import sys
 import jax.numpy as jnp
 
 import sfpk_jax
-from sfpk_jax import io
-from sfpk_jax.flops import layer_costs, summary
 from sfpk_jax.models import build
+from sfpk_jax.storage import files as io
+from sfpk_jax.tools.flops import layer_costs, summary
 
 INPUTS = {"mobilenet_v1": (224, 224, 3), "resnet50": (224, 224, 3)}
 

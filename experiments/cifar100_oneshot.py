@@ -16,8 +16,8 @@ import argparse
 import sys
 import time
 
-from sfpk_jax import runs
-from sfpk_jax.training import evaluate_batches
+from sfpk_jax.harness import runs
+from sfpk_jax.train import evaluate_batches
 
 
 def parse_args(argv=None):

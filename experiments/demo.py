@@ -22,11 +22,18 @@ import time
 import jax
 
 import sfpk_jax
-from sfpk_jax import io, plotting, runs
-from sfpk_jax.batchnorm import recompute_batch_stats
 from sfpk_jax.data import batch_iterator, load_digits, particle_batches
+from sfpk_jax.harness import runs
 from sfpk_jax.models import build
-from sfpk_jax.training import evaluate, make_loss_fn, sgd_cosine, train
+from sfpk_jax.storage import files as io
+from sfpk_jax.tools import plots as plotting
+from sfpk_jax.train import (
+    evaluate,
+    make_loss_fn,
+    recompute_batch_stats,
+    sgd_cosine,
+    train,
+)
 
 PRUNERS = ("sfpk", "magnitude")
 

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from sfpk_jax import runs
+from sfpk_jax.harness import runs
 
 
 def parse_args(argv=None):

@@ -1,31 +1,47 @@
-"""sfpk-jax: SFPK pruning (interacting mask particles) for any Flax model."""
+"""sfpk-jax: SFPK pruning (interacting mask particles) for any JAX model.
 
-from sfpk_jax.config import SFPKConfig, spode_config
-from sfpk_jax.magnitude import magnitude_prune
-from sfpk_jax.pruners import PRUNERS, PruneResult, prune
-from sfpk_jax.masks import (
+The public API, by layer (``docs/layout.md`` and the README's "How the code
+is laid out" say where each idea lives):
+
+* masks: :class:`MaskLayout`, :func:`apply_masks`, :func:`density`,
+  :func:`count_prunable`, :func:`ones_like_masks`, :func:`masks_from_scores`;
+* SFPK: :class:`SFPKConfig`, :func:`sfpk_prune`, :func:`spode_prune` and
+  the pure step (:func:`initial_state`, :func:`sfpk_update`,
+  :func:`make_stepper`, :class:`SFPKState`, :class:`StepTrace`), results
+  (:class:`SFPKResult`) and checkpoints (:class:`CheckpointPolicy`);
+* pruners by name: :func:`prune`, :func:`register_pruner`,
+  :func:`magnitude_prune`.
+"""
+
+from sfpk_jax.core.masks import (
     MaskLayout,
     apply_masks,
     count_prunable,
     density,
     ones_like_masks,
 )
-from sfpk_jax.resume import CheckpointPolicy, ResumeError
-from sfpk_jax.simulation import (
-    SFPKResult,
-    SFPKState,
-    StepTrace,
-    make_stepper,
-    sfpk_prune,
-    sfpk_update,
-    spode_prune,
+from sfpk_jax.core.topk import masks_from_scores
+from sfpk_jax.pruners import (
+    PRUNERS,
+    PruneResult,
+    PrunerSpec,
+    magnitude_prune,
+    prune,
+    register_pruner,
 )
+from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
+from sfpk_jax.sfpk.config import SFPKConfig, spode_config
+from sfpk_jax.sfpk.modes import make_stepper
+from sfpk_jax.sfpk.simulation import sfpk_prune, spode_prune
+from sfpk_jax.sfpk.state import SFPKResult, SFPKState, StepTrace, initial_state
+from sfpk_jax.sfpk.update import sfpk_update
 
 __all__ = [
     "CheckpointPolicy",
     "MaskLayout",
     "PRUNERS",
     "PruneResult",
+    "PrunerSpec",
     "ResumeError",
     "SFPKConfig",
     "SFPKResult",
@@ -34,10 +50,13 @@ __all__ = [
     "apply_masks",
     "count_prunable",
     "density",
+    "initial_state",
     "magnitude_prune",
     "make_stepper",
+    "masks_from_scores",
     "ones_like_masks",
     "prune",
+    "register_pruner",
     "sfpk_prune",
     "sfpk_update",
     "spode_config",

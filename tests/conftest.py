@@ -35,7 +35,7 @@ CORE_MODULES = {
     "test_repulsion",
     "test_schedules",
     "test_simulation",
-    "test_sparsity",
+    "test_density",
     "test_voting_thresholds",
 }
 

@@ -12,8 +12,10 @@ import optax
 import pytest
 
 import sfpk_jax
-from sfpk_jax import baselines
-from sfpk_jax.masks import MaskLayout, apply_masks
+from sfpk_jax import masks_from_scores
+from sfpk_jax.core import topk
+from sfpk_jax.core.masks import MaskLayout, apply_masks
+from sfpk_jax.pruners import baselines
 
 INPUT_KEY, LABEL_KEY = "x", "y"
 
@@ -328,7 +330,7 @@ def test_signed_and_tied_scores_give_exact_counts():
     layout = MaskLayout.from_params(params)
     scores = [-jnp.ones(5), jnp.concatenate([-jnp.ones((2, 5)), jnp.zeros((2, 5))])]
     for key in (None, jax.random.key(0)):
-        masks = baselines._masks_from_scores(layout, scores, 0.4, "global", key)
+        masks = masks_from_scores(layout, scores, 0.4, "global", key)
         kept = layout.gather(masks)
         assert int(_flat(kept).sum()) == 25 - 10
         assert np.all(np.asarray(kept[1])[2:] == 1.0)  # the zeros beat every -1
@@ -336,7 +338,7 @@ def test_signed_and_tied_scores_give_exact_counts():
 
 def test_score_keys_preserve_the_float_order():
     values = jnp.asarray([-jnp.inf, -3.0, -1e-30, -0.0, 0.0, 1e-30, 2.0, jnp.inf], jnp.float32)
-    keys = np.asarray(baselines._positive_keys([values], [jnp.ones(8, bool)])[0]).astype(np.int64)
+    keys = np.asarray(topk.positive_keys([values], [jnp.ones(8, bool)])[0]).astype(np.int64)
     assert keys.min() >= 1 and np.all(np.diff(keys)[[0, 1, 2, 4, 5, 6]] > 0) and keys[3] == keys[4]
-    dead = baselines._positive_keys([values], [jnp.arange(8) % 2 == 0])[0]
+    dead = topk.positive_keys([values], [jnp.arange(8) % 2 == 0])[0]
     assert np.all(np.asarray(dead)[1::2] == 0)

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfpk_jax.batchnorm import recompute_batch_stats
 from sfpk_jax.models import build, make_apply_fn
 from sfpk_jax.models.small_cnn import SmallCNN
+from sfpk_jax.train import recompute_batch_stats
 
 
 class OneBN(nn.Module):

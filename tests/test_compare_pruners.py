@@ -8,7 +8,7 @@ import types
 import pytest
 
 from benchmarks import compare_pruners
-from sfpk_jax import runs
+from sfpk_jax.harness import runs
 
 
 def test_compare_pruners_smoke(tmp_path):

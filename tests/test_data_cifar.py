@@ -9,7 +9,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sfpk_jax.data import DatasetNotFoundError, cifar_eval, cifar_train, cifar_transforms, load, load_cifar
+from sfpk_jax.data import (
+    DatasetNotFoundError,
+    cifar_eval,
+    cifar_train,
+    cifar_transforms,
+    load,
+    load_cifar,
+)
 from sfpk_jax.data.augment import CIFAR_STATS
 
 PER_FILE = 3

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sfpk_jax.data import DatasetNotFoundError, Loader, imagenet_eval, imagenet_train, load, load_imagenet
+from sfpk_jax.data import (
+    DatasetNotFoundError,
+    Loader,
+    imagenet_eval,
+    imagenet_train,
+    load,
+    load_imagenet,
+)
 from sfpk_jax.data.augment import IMAGENET_MEAN, IMAGENET_STD, random_resized_crop_box
 
 

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from sfpk_jax.data import DATASETS, ArraySource, Loader, RandomAccessSource, load, particle_loader
+from sfpk_jax.data import (
+    DATASETS,
+    ArraySource,
+    Loader,
+    RandomAccessSource,
+    load,
+    particle_loader,
+)
 from sfpk_jax.data.augment import cifar_transforms
 from sfpk_jax.data.pipeline import THREAD_NAME
 

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfpk_jax import direction as direction_lib
+from sfpk_jax.core import direction as direction_lib
 
 LAYOUTS = st.sampled_from([((3, 4),), ((2, 3, 1, 4), (5,), (4, 2)), ((7,), (3, 3, 2, 2), (6,))])
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from experiments import cifar100_oneshot, imagenet_iterative, pretrain
-from sfpk_jax import checkpoints, io, runs
+from sfpk_jax.harness import runs
+from sfpk_jax.storage import checkpoints
+from sfpk_jax.storage import files as io
 
 FAST = ["--smoke", "--no-progress"]
 RESULT_KEYS = {"final_acc", "best_acc", "density", "density_per_layer", "mask_digest",
@@ -259,6 +261,7 @@ def test_unusable_out_dir_is_refused_before_any_work(tmp_path, capsys, where):
 def test_model_without_prunable_weights_is_refused(tmp_path, capsys, monkeypatch):
     import flax.linen as nn
     import jax.numpy as jnp
+
     from sfpk_jax.models import registry
 
     class Scale(nn.Module):  # a per-class bias only: nothing a pruner would touch

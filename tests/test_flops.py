@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import sfpk_jax
-from sfpk_jax.flops import layer_costs, summary
 from sfpk_jax.models import make_apply_fn
+from sfpk_jax.tools.flops import layer_costs, summary
 
 
 class TwoLayerCNN(nn.Module):

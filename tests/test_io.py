@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from sfpk_jax import io
+from sfpk_jax.storage import files as io
 
 
 def test_prepare_out_dir_refuses_finished_results(tmp_path):
@@ -48,7 +48,7 @@ def test_write_json_is_atomic_on_failure(tmp_path):
 # renaming it) announces itself and then hangs, so the kill lands mid-write.
 _STALLED_WRITER = """
 import os, sys, time
-from sfpk_jax import io
+from sfpk_jax.storage import files as io
 path, ready = sys.argv[1], sys.argv[2]
 def stall(fd):
     open(ready, "w").close()
@@ -60,7 +60,7 @@ io.write_json(path, {"version": "new", "payload": "y" * 5_000_000})
 # A writer rewriting the same file in a loop, killed at a random moment.
 _LOOPING_WRITER = """
 import sys
-from sfpk_jax import io
+from sfpk_jax.storage import files as io
 path = sys.argv[1]
 i = 0
 while True:

@@ -8,8 +8,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfpk_jax import MaskLayout, apply_masks, count_prunable, density, ones_like_masks, sfpk_prune
-from sfpk_jax.masks import path_to_str, select
+from sfpk_jax import (
+    MaskLayout,
+    apply_masks,
+    count_prunable,
+    density,
+    ones_like_masks,
+    sfpk_prune,
+)
+from sfpk_jax.core.masks import path_to_str, select
 
 
 class Mixed(nn.Module):

@@ -15,7 +15,7 @@ import pytest
 from safetensors.numpy import save_file
 from scipy.special import erf
 
-from sfpk_jax.masks import apply_masks, count_prunable, ones_like_masks
+from sfpk_jax.core.masks import apply_masks, count_prunable, ones_like_masks
 from sfpk_jax.models import build, load_pretrained, registered
 
 CIFAR = ("resnet20", "resnet32", "resnet56", "wrn20", "vgg16_bn", "vgg19_bn")

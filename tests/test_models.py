@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfpk_jax.masks import apply_masks, count_prunable, ones_like_masks
+from sfpk_jax.core.masks import apply_masks, count_prunable, ones_like_masks
 from sfpk_jax.models import build, registered
 
 

@@ -21,12 +21,13 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-
-from sfpk_jax import sharding
-from sfpk_jax.config import SFPKConfig
-from sfpk_jax.resume import CheckpointPolicy
-from sfpk_jax.simulation import default_mesh, sfpk_prune
 from test_sharding import ROOT, _error, _flat, _tiny_models, _train, worker_files
+
+from sfpk_jax import sfpk_prune
+from sfpk_jax.parallel import sharding
+from sfpk_jax.parallel.sharding import default_mesh
+from sfpk_jax.sfpk.checkpointing import CheckpointPolicy
+from sfpk_jax.sfpk.config import SFPKConfig
 
 PROCESSES, LOCAL_DEVICES, N, STEPS, SPARSITY = 2, 2, 4, 6, 0.8
 BROKEN_AT = 3  # the first run's batches end here, after the checkpoint of step 2

@@ -13,9 +13,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from sfpk_jax import SFPKConfig
-from sfpk_jax.energy import make_energy_fn
-from sfpk_jax.masks import MaskLayout
-from sfpk_jax.polarizers import polarize
+from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax.core.polarizers import polarize
+from sfpk_jax.sfpk.energy import make_energy_fn
 
 SEEDS = st.integers(0, 2**31 - 1)
 

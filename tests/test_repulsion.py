@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfpk_jax.repulsion import repulsion
+from sfpk_jax.core.repulsion import repulsion
 
 LAYOUTS = st.sampled_from([((5, 3),), ((2, 2, 1, 3), (4,), (3, 2))])
 MODES = [("exp", True), ("exp", False), ("cos", True), ("cos", False)]

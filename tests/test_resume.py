@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 
 from sfpk_jax import SFPKConfig, sfpk_prune
-from sfpk_jax.resume import CheckpointPolicy, ResumeError
+from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
 
 N = 3
 STEPS = 20
@@ -177,7 +176,7 @@ _WORKER = textwrap.dedent("""
     import numpy as np, jax
     from conftest import TinyMLP, TinyModel, FEATURES
     from sfpk_jax import SFPKConfig, sfpk_prune
-    from sfpk_jax.resume import CheckpointPolicy
+    from sfpk_jax.sfpk.checkpointing import CheckpointPolicy
 
     mode, ckpt, out = sys.argv[1:4]
     mlp = TinyModel("mlp", TinyMLP(), (FEATURES,))

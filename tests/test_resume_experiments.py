@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from experiments import imagenet_iterative, pretrain
-from sfpk_jax import checkpoints, runs
+from sfpk_jax.harness import runs
+from sfpk_jax.storage import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 ITERATIVE = ["--dataset", "digits", "--model", "small_cnn", "--pretrain-epochs", "1", "--smoke",

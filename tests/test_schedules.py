@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfpk_jax import schedules
+from sfpk_jax.core import schedules
 
 TARGET = st.floats(0.01, 0.9)
 STEPS = st.integers(1, 200)

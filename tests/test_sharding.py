@@ -1,4 +1,4 @@
-"""Multi-device SFPK energies and data-parallel retraining (sfpk_jax.sharding).
+"""Multi-device SFPK energies and data-parallel retraining (sfpk_jax.parallel.sharding).
 
 The multi-device checks need 8 (simulated CPU) devices, which XLA only
 creates when ``--xla_force_host_platform_device_count=8`` is set before jax
@@ -28,13 +28,14 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
 
-from sfpk_jax import energy as energy_lib
-from sfpk_jax import sharding
-from sfpk_jax.config import SFPKConfig
-from sfpk_jax.masks import MaskLayout
+from sfpk_jax import sfpk_prune
+from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.models import make_apply_fn
-from sfpk_jax.simulation import default_mesh, sfpk_prune
-from sfpk_jax.training import sgd_cosine, train_epoch
+from sfpk_jax.parallel import sharding
+from sfpk_jax.parallel.sharding import default_mesh
+from sfpk_jax.sfpk import energy as energy_lib
+from sfpk_jax.sfpk.config import SFPKConfig
+from sfpk_jax.train import sgd_cosine, train_epoch
 
 DEVICES = 8
 N = 8  # particles

@@ -13,7 +13,7 @@ from benchmarks import shrink_speed
 from sfpk_jax.models import make_apply_fn
 from sfpk_jax.models.small_cnn import MLP, SmallCNN
 from sfpk_jax.models.vgg import VGG
-from sfpk_jax.shrink import shrink
+from sfpk_jax.tools.shrink import shrink
 
 # Two convs, a pool, one more conv; on 8x8 inputs the classifier sees
 # 2x2 positions x 8 channels, which exercises the flattened fc rows.

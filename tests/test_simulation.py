@@ -20,8 +20,8 @@ from sfpk_jax import (
     sfpk_update,
     spode_prune,
 )
-from sfpk_jax import schedules
-from sfpk_jax.masks import path_to_str
+from sfpk_jax.core import schedules
+from sfpk_jax.core.masks import path_to_str
 
 N = 3
 STEPS = 6
@@ -95,14 +95,14 @@ def test_result_structure_and_trace_shapes(mlp, base):
         assert set(np.unique(np.asarray(m))) <= {0.0, 1.0}
     for p, s in zip(layout.gather(result.particles), layout.shapes):
         assert p.shape == (N,) + s
-    assert set(result.trace) == {"sparsity", "energy", "repulsion", "dt"}
+    assert set(result.trace) == {"density", "energy", "repulsion", "dt"}
     for name, values in result.trace.items():
         assert isinstance(values, np.ndarray), name
         assert values.shape == (STEPS, N), name
         assert np.all(np.isfinite(values)), name
-    sparsity = result.trace["sparsity"]
-    np.testing.assert_allclose(sparsity[0], 1.0, rtol=1e-6)
-    assert np.all(np.diff(sparsity, axis=0) < 0)  # G falls every step
+    density = result.trace["density"]
+    np.testing.assert_allclose(density[0], 1.0, rtol=1e-6)
+    assert np.all(np.diff(density, axis=0) < 0)  # G falls every step
     assert np.all(result.trace["dt"] > 0)
 
 
@@ -125,7 +125,7 @@ def test_identical_batches_without_repulsion_keep_particles_identical(mlp):
         p = np.asarray(p)
         assert np.array_equal(p, np.broadcast_to(p[:1], p.shape))
     # ... and they did move.
-    assert np.all(result.trace["sparsity"][-1] < 0.9)
+    assert np.all(result.trace["density"][-1] < 0.9)
     assert np.all(result.trace["energy"] == result.trace["energy"][:, :1])
 
 
@@ -166,12 +166,12 @@ def test_init_continues_from_an_earlier_result(mlp, base):
     target = 1.0 - 0.8
     result = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=5), 0.8,
                         _config(), init=_host_copy(first))
-    np.testing.assert_allclose(result.trace["sparsity"][0], g, rtol=1e-5)
+    np.testing.assert_allclose(result.trace["density"][0], g, rtol=1e-5)
     ratio = start / target
     dt0 = target * (ratio - ratio ** (1.0 - 1.0 / STEPS))
     np.testing.assert_allclose(result.trace["dt"][0], dt0, rtol=1e-4)
     assert sum(_kept_counts(result, layout)) == layout.total - math.floor(0.8 * layout.total)
-    assert result.trace["sparsity"][-1].mean() < start
+    assert result.trace["density"][-1].mean() < start
 
 
 def test_init_result_is_left_intact(mlp, base):
@@ -215,7 +215,7 @@ def test_final_mask_count_is_exact_on_the_cnn(cnn, scope):
         assert kept == [d - math.floor(0.7 * d) for d in layout.sizes]
     for m, t in zip(layout.gather(result.masks), theta):
         assert np.all(np.asarray(m)[np.asarray(t) == 0] == 0)
-    assert result.trace["sparsity"].shape == (5, N)
+    assert result.trace["density"].shape == (5, N)
 
 
 def test_spode_runs_with_one_particle(mlp):
@@ -237,7 +237,7 @@ def test_early_stop_when_mean_g_reaches_the_target(mlp, monkeypatch):
     steps = 10
     result = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=4), 0.5,
                         _config(steps=steps, particle_mode="vmap"))
-    mean_g = result.trace["sparsity"].mean(axis=1)
+    mean_g = result.trace["density"].mean(axis=1)
     run = len(mean_g)
     assert 1 < run < steps
     assert mean_g[-1] <= 0.5 and np.all(mean_g[:-1] > 0.5)
@@ -337,7 +337,7 @@ def test_update_moves_g_by_dt_and_records_g_before():
         state, jnp.zeros((n,)), grads, theta
     )
     g_after = sum(np.asarray(p).reshape(n, -1).sum(1) for p in new.particles) / total
-    np.testing.assert_allclose(trace.sparsity, g_before, rtol=1e-5)
+    np.testing.assert_allclose(trace.density, g_before, rtol=1e-5)
     np.testing.assert_allclose(g_before - g_after, trace.dt, rtol=1e-3)
     ratio = g_before.mean() / 0.2
     np.testing.assert_allclose(trace.dt, 0.2 * (ratio - ratio ** (1 - 1 / STEPS)), rtol=1e-4)

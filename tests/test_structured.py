@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 import sfpk_jax
-from sfpk_jax import repulsion as repulsion_lib
-from sfpk_jax import sparsity as sparsity_lib
-from sfpk_jax import voting
-from sfpk_jax.masks import MaskLayout
+from sfpk_jax.core import density as density_lib
+from sfpk_jax.core import repulsion as repulsion_lib
+from sfpk_jax.core import voting
+from sfpk_jax.core.masks import MaskLayout
 
 
 def _params():
@@ -59,10 +59,10 @@ def test_channel_sparsity_equals_sparsity_of_the_expanded_mask(kind):
     expanded = [jnp.broadcast_to(m, s) for m, s in zip(mask, layout.shapes)]
     for scope in ("global", "local"):
         np.testing.assert_allclose(
-            sparsity_lib.sparsity(mask, kind, scope, layout.node_sizes),
-            sparsity_lib.sparsity(expanded, kind, scope), rtol=1e-6)
+            density_lib.density(mask, kind, scope, layout.node_sizes),
+            density_lib.density(expanded, kind, scope), rtol=1e-6)
     ones = [jnp.ones(s) for s in layout.mask_shapes]
-    np.testing.assert_allclose(sparsity_lib.sparsity(ones, kind, "global", layout.node_sizes), 1.0, rtol=1e-6)
+    np.testing.assert_allclose(density_lib.density(ones, kind, "global", layout.node_sizes), 1.0, rtol=1e-6)
 
 
 @pytest.mark.parametrize("mode", ["exp", "cos"])

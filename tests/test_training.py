@@ -6,10 +6,10 @@ import numpy as np
 import optax
 import pytest
 
+from sfpk_jax.core.masks import ones_like_masks
 from sfpk_jax.data import load_digits
-from sfpk_jax.masks import ones_like_masks
 from sfpk_jax.models import build
-from sfpk_jax.training import evaluate, lr_schedule, make_loss_fn, sgd_cosine, train
+from sfpk_jax.train import evaluate, lr_schedule, make_loss_fn, sgd_cosine, train
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfpk_jax import thresholds, voting
+from sfpk_jax.core import topk, voting
 
 LAYOUTS = st.sampled_from([((6, 5),), ((2, 3, 1, 4), (5,), (4, 3)), ((7,), (3, 3, 2, 2), (6,))])
 VOTE_LAYOUTS = st.sampled_from([((6, 5),), ((2, 3, 1, 4), (5,), (4, 3))])
@@ -31,12 +31,12 @@ def _distinct_scores(rng, shapes):
     return out
 
 
-_counts = jax.jit(thresholds.counts, static_argnums=(0, 2))
+_counts = jax.jit(topk.counts, static_argnums=(0, 2))
 
 
 @functools.partial(jax.jit, static_argnums=2)
 def _thresholded(values, k, scope):
-    return thresholds.at_or_above_kth(values, k, scope), thresholds.above_kth(values, k, scope)
+    return topk.at_or_above_kth(values, k, scope), topk.above_kth(values, k, scope)
 
 
 _vote = jax.jit(voting.vote, static_argnames=("mode", "score", "voters", "scope"))
@@ -52,7 +52,7 @@ def test_topk_global_keeps_exactly_the_top_entries(shapes, sparsity, seed):
     scores = _distinct_scores(np.random.default_rng(seed), shapes)
     total = sum(math.prod(s) for s in shapes)
     remove = math.floor(sparsity * total)
-    masks = thresholds.topk_mask(scores, remove, "global")
+    masks = topk.topk_mask(scores, remove, "global")
     assert [m.shape for m in masks] == [s.shape for s in scores]
     assert all(m.dtype == jnp.float32 for m in masks)
     kept = _flat(masks)
@@ -69,7 +69,7 @@ def test_topk_global_keeps_exactly_the_top_entries(shapes, sparsity, seed):
 def test_topk_local_keeps_exactly_the_top_entries_per_layer(shapes, sparsity, seed):
     scores = _distinct_scores(np.random.default_rng(seed), shapes)
     remove = [math.floor(sparsity * math.prod(s)) for s in shapes]
-    masks = thresholds.topk_mask(scores, remove, "local")
+    masks = topk.topk_mask(scores, remove, "local")
     for m, s, r in zip(masks, scores, remove):
         m, s = np.ravel(np.asarray(m)), np.ravel(np.asarray(s))
         assert m.sum() == s.size - r
@@ -90,7 +90,7 @@ def test_zero_scores_are_never_kept(scope, shapes, sparsity, zero_frac, seed):
     else:
         remove = [math.floor(sparsity * d) for d in sizes]
         groups = [([s], r) for s, r in zip(scores, remove)]
-    masks = thresholds.topk_mask(scores, remove, scope)
+    masks = topk.topk_mask(scores, remove, scope)
     kept, flat = _flat(masks), _flat(scores)
     assert np.all(kept[flat == 0] == 0)
     # Kept: the requested count, or every non-zero entry when there are fewer.
@@ -113,10 +113,10 @@ def test_ties_are_broken_to_the_exact_count(use_key, scope, shapes, sparsity, le
     key = jax.random.PRNGKey(seed % 1000) if use_key else None
     if scope == "global":
         remove = math.floor(sparsity * sum(sizes))
-        parts = [(_flat(scores), _flat(thresholds.topk_mask(scores, remove, scope, key)), remove)]
+        parts = [(_flat(scores), _flat(topk.topk_mask(scores, remove, scope, key)), remove)]
     else:
         remove = [math.floor(sparsity * d) for d in sizes]
-        masks = thresholds.topk_mask(scores, remove, scope, key)
+        masks = topk.topk_mask(scores, remove, scope, key)
         parts = [(np.ravel(np.asarray(s)), np.ravel(np.asarray(m)), r) for s, m, r in zip(scores, masks, remove)]
     for flat, kept, r in parts:
         assert kept.sum() == flat.size - r
@@ -125,19 +125,19 @@ def test_ties_are_broken_to_the_exact_count(use_key, scope, shapes, sparsity, le
             assert np.all(kept[flat > tau] == 1)
             assert np.all(kept[flat < tau] == 0)
     # The same key gives the same mask.
-    again = thresholds.topk_mask(scores, remove, scope, key)
-    np.testing.assert_array_equal(_flat(again), _flat(thresholds.topk_mask(scores, remove, scope, key)))
+    again = topk.topk_mask(scores, remove, scope, key)
+    np.testing.assert_array_equal(_flat(again), _flat(topk.topk_mask(scores, remove, scope, key)))
 
 
 def test_tie_breaking_by_key_differs_from_position():
     scores = [jnp.ones((64,), jnp.float32)]
-    by_position = np.asarray(thresholds.topk_mask(scores, 32, "global")[0])
+    by_position = np.asarray(topk.topk_mask(scores, 32, "global")[0])
     np.testing.assert_array_equal(by_position, np.arange(64) >= 32)
-    by_key = np.asarray(thresholds.topk_mask(scores, 32, "global", jax.random.PRNGKey(0))[0])
+    by_key = np.asarray(topk.topk_mask(scores, 32, "global", jax.random.PRNGKey(0))[0])
     assert by_key.sum() == 32 and not np.array_equal(by_key, by_position)
 
 
-_kth = jax.jit(thresholds.kth_smallest)
+_kth = jax.jit(topk.kth_smallest)
 
 
 @settings(max_examples=20)
@@ -155,7 +155,7 @@ def test_kth_smallest_handles_signed_zeros_and_extremes():
     values = jnp.asarray([0.0, -0.0, -np.inf, np.inf, 3.0, -2.5, 1e-38, -1e-38], jnp.float32)
     expected = np.sort(np.asarray(values))
     for k in range(1, 9):
-        assert float(thresholds.kth_smallest(values, jnp.int32(k))) == expected[k - 1]
+        assert float(topk.kth_smallest(values, jnp.int32(k))) == expected[k - 1]
 
 
 def test_kth_smallest_is_exact_in_float64():
@@ -163,9 +163,9 @@ def test_kth_smallest_is_exact_in_float64():
     # polarizer's threshold must be a value of the float64 vector itself.
     with jax.enable_x64(True):
         values = jnp.asarray(1.0 + np.arange(1, 9) * 1e-12, jnp.float64)
-        tau = thresholds.kth_smallest(values, jnp.int32(3))
+        tau = topk.kth_smallest(values, jnp.int32(3))
         assert float(tau) == float(values[2])
-        kept = thresholds.at_or_above_kth([values], jnp.int32(3), "global")[0]
+        kept = topk.at_or_above_kth([values], jnp.int32(3), "global")[0]
         assert int(np.sum(np.asarray(kept))) == 6
 
 
@@ -199,8 +199,8 @@ def test_counts_and_thresholded_masks(scope, shapes, density, seed):
 
 
 def test_remove_counts():
-    assert thresholds.remove_counts([10, 30], 0.5, "global") == 20
-    assert thresholds.remove_counts([10, 30], 0.55, "local") == [5, 16]
+    assert topk.remove_counts([10, 30], 0.5, "global") == 20
+    assert topk.remove_counts([10, 30], 0.55, "local") == [5, 16]
 
 
 _voter_weights = jax.jit(voting.voter_weights, static_argnums=1)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from sfpk_jax.data.arrays import batch_iterator, particle_batches
 from sfpk_jax.data.augment import (
     Transform,
     cifar_eval,
@@ -22,10 +23,15 @@ from sfpk_jax.data.augment import (
     random_resized_crop_box,
 )
 from sfpk_jax.data.cifar import load_cifar
-from sfpk_jax.data.digits import Dataset, batch_iterator, load_digits, particle_batches
+from sfpk_jax.data.digits import Dataset, load_digits
 from sfpk_jax.data.errors import DatasetNotFoundError
 from sfpk_jax.data.imagenet import ImageNet, load_imagenet
-from sfpk_jax.data.pipeline import ArraySource, Loader, RandomAccessSource, particle_loader
+from sfpk_jax.data.pipeline import (
+    ArraySource,
+    Loader,
+    RandomAccessSource,
+    particle_loader,
+)
 from sfpk_jax.data.registry import DATASETS, DataBundle, load
 from sfpk_jax.data.tfds_source import TfdsSource, open_tfds
 
@@ -55,4 +61,5 @@ __all__ = [
     "open_tfds",
     "particle_batches",
     "particle_loader",
+    "random_resized_crop_box",
 ]

@@ -11,7 +11,12 @@ import os
 from typing import NamedTuple
 
 from sfpk_jax.data.errors import DatasetNotFoundError
-from sfpk_jax.data.tfds_source import TfdsSource, open_tfds, tfds_data_dir, tfds_prepare_command
+from sfpk_jax.data.tfds_source import (
+    TfdsSource,
+    open_tfds,
+    tfds_data_dir,
+    tfds_prepare_command,
+)
 
 NAME = "imagenet2012"
 NUM_CLASSES = 1000

@@ -17,14 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM, CIFAR_INPUT, KAIMING_NORMAL
 from sfpk_jax.models.registry import register
-from sfpk_jax.models.small_cnn import BN_EPSILON, BN_MOMENTUM
-
-CIFAR_INPUT = (1, 32, 32, 3)
-
-# The official code initialises conv and dense weights with torch's
-# kaiming_normal_ (fan-in, relu gain, untruncated) and their biases with 0.
-KAIMING_NORMAL = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 
 
 class BasicBlock(nn.Module):

@@ -15,8 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM
 from sfpk_jax.models.registry import register
-from sfpk_jax.models.small_cnn import BN_EPSILON, BN_MOMENTUM
 
 # (output channels, stride) of the depthwise-separable blocks.
 BLOCKS = (

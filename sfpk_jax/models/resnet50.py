@@ -18,8 +18,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM
 from sfpk_jax.models.registry import register
-from sfpk_jax.models.small_cnn import BN_EPSILON, BN_MOMENTUM
 
 STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))  # (bottleneck width, blocks)
 EXPANSION = 4

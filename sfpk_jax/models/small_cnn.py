@@ -8,11 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM
 from sfpk_jax.models.registry import register
-
-# torch's BatchNorm defaults (torch momentum 0.1 is Flax momentum 0.9).
-BN_MOMENTUM = 0.9
-BN_EPSILON = 1e-5
 
 
 class SmallCNN(nn.Module):

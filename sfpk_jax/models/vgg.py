@@ -12,9 +12,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from sfpk_jax.models.cifar_resnet import CIFAR_INPUT, KAIMING_NORMAL
+from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM, CIFAR_INPUT, KAIMING_NORMAL
 from sfpk_jax.models.registry import register
-from sfpk_jax.models.small_cnn import BN_EPSILON, BN_MOMENTUM
 
 POOL = "M"
 VGG16_PLAN = (64, 64, POOL, 128, 128, POOL, 256, 256, 256, POOL, 512, 512, 512, POOL, 512, 512, 512)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sfpk_jax import sparsity as sparsity_lib
+from sfpk_jax.core import density as density_lib
 
 # A few fixed layer layouts (conv, dense, bias, scalar-like): values vary, shapes
 # repeat, so every compiled function is reused across examples.
@@ -34,7 +34,7 @@ def spec_local(mask, kind):
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _value_and_descent(mask, kind, scope):
-    return sparsity_lib.sparsity_and_descent(mask, kind, scope)
+    return density_lib.density_and_descent(mask, kind, scope)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -57,7 +57,7 @@ def random_mask(seed, shapes, low=-0.5, high=1.5):
 @given(shapes=SHAPES)
 def test_dense_mask_has_density_one(kind, scope, shapes):
     ones = [jnp.ones(s, jnp.float32) for s in shapes]
-    g = sparsity_lib.sparsity(ones, kind, scope)
+    g = density_lib.density(ones, kind, scope)
     expected_shape = () if scope == "global" else (len(shapes),)
     assert g.shape == expected_shape
     np.testing.assert_allclose(np.asarray(g), 1.0, rtol=1e-6)
@@ -71,7 +71,7 @@ def test_binary_mask_l1_density_is_kept_fraction(kind, shapes, seed):
     mask = [jnp.asarray(rng.random(s) < 0.5, jnp.float32) for s in shapes]
     kept = sum(float(m.sum()) for m in mask)
     total = sum(m.size for m in mask)
-    g = float(sparsity_lib.sparsity(mask, kind, "global"))
+    g = float(density_lib.density(mask, kind, "global"))
     # l1 counts kept entries; l2 is the square root of that fraction.
     expected = kept / total if kind == "l1" else np.sqrt(kept / total)
     np.testing.assert_allclose(g, expected, rtol=1e-5, atol=1e-6)
@@ -92,7 +92,7 @@ def test_value_and_descent_match_the_spec_formula(kind, scope, shapes, seed):
         np.testing.assert_allclose(np.asarray(d), -np.asarray(gr), rtol=1e-5, atol=1e-8)
     # The direct call agrees with the value returned alongside the gradient.
     np.testing.assert_allclose(
-        np.asarray(sparsity_lib.sparsity(mask, kind, scope)), np.asarray(value), rtol=1e-6
+        np.asarray(density_lib.density(mask, kind, scope)), np.asarray(value), rtol=1e-6
     )
 
 
@@ -100,10 +100,10 @@ def test_value_and_descent_match_the_spec_formula(kind, scope, shapes, seed):
 def test_local_scope_holds_per_layer(kind):
     # Layers at different densities: each G_l sees only its own layer.
     mask = [jnp.full((4, 5), 0.5), jnp.ones((7,)), jnp.zeros((3, 3))]
-    g = np.asarray(sparsity_lib.sparsity(mask, kind, "local"))
+    g = np.asarray(density_lib.density(mask, kind, "local"))
     np.testing.assert_allclose(g, [0.5, 1.0, 0.0], atol=1e-6)
     # The global G weighs layers by size.
-    glob = float(sparsity_lib.sparsity(mask, kind, "global"))
+    glob = float(density_lib.density(mask, kind, "global"))
     d = np.array([20, 7, 9])
     expected = (0.5 * 20 + 7) / d.sum() if kind == "l1" else np.sqrt((0.25 * 20 + 7) / d.sum())
     np.testing.assert_allclose(glob, expected, rtol=1e-6)
@@ -111,5 +111,5 @@ def test_local_scope_holds_per_layer(kind):
 
 def test_l2_gradient_is_finite_at_zero_mask():
     # The 1e-12 keeps sqrt differentiable at m = 0.
-    _, descent = sparsity_lib.sparsity_and_descent([jnp.zeros((3, 2))], "l2", "global")
+    _, descent = density_lib.density_and_descent([jnp.zeros((3, 2))], "l2", "global")
     assert np.all(np.isfinite(np.asarray(descent[0])))

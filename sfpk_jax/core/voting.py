@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax import structure, thresholds
+from sfpk_jax.core import channels, topk
 
 
 def particle_scores(particles, theta, score: str) -> list[jax.Array]:
@@ -21,8 +21,8 @@ def particle_scores(particles, theta, score: str) -> list[jax.Array]:
     # Expanded over the kernel and summed per mask entry, as the reference
     # scores channels; for unstructured masks these are |m theta| and |m|.
     if score == "mp":
-        return [jnp.abs(m) * structure.abs_weight(t, m.shape[1:])[None] for m, t in zip(particles, theta)]
-    return [jnp.abs(m) * (t.size // m[0].size) for m, t in zip(particles, theta)]
+        return [jnp.abs(m) * channels.abs_weight(t, m.shape[1:])[None] for m, t in zip(particles, theta)]
+    return [jnp.abs(m) * channels.node_size(t.shape, m.shape[1:]) for m, t in zip(particles, theta)]
 
 
 def voter_weights(energy: jax.Array, voters: int) -> jax.Array:
@@ -64,8 +64,8 @@ def vote(
     """
     s = particle_scores(particles, theta, score)
     if mode == "hard":
-        s = [jnp.where(structure.abs_weight(t, x.shape[1:])[None] != 0, x, 0.0) for x, t in zip(s, theta)]
-        k = thresholds.counts([x[0].size for x in s], jnp.asarray(target_density, energy.dtype), scope)
-        s = jax.vmap(lambda *leaves: thresholds.above_kth(list(leaves), k, scope))(*s)
+        s = [jnp.where(channels.abs_weight(t, x.shape[1:])[None] != 0, x, 0.0) for x, t in zip(s, theta)]
+        k = topk.counts([x[0].size for x in s], jnp.asarray(target_density, energy.dtype), scope)
+        s = jax.vmap(lambda *leaves: topk.above_kth(list(leaves), k, scope))(*s)
     w = voter_weights(energy, voters)
     return [jnp.tensordot(w, x, axes=1) + momentum * old for x, old in zip(s, scores)]

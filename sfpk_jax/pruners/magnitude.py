@@ -6,8 +6,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from sfpk_jax.baselines import _masks_from_scores, alive_weights
-from sfpk_jax.masks import MaskLayout, Prunable
+from sfpk_jax.core.masks import MaskLayout, Prunable
+from sfpk_jax.core.topk import alive_weights, masks_from_scores
 
 
 def magnitude_scores(layout: MaskLayout, params: Any) -> list:
@@ -39,7 +39,5 @@ def magnitude_prune(
       never kept).
     """
     layout = MaskLayout.from_params(params, prunable, mask_dim)
-    return _masks_from_scores(
-        layout, magnitude_scores(layout, params), sparsity, scope, None,
-        alive_weights(layout, params),
-    )
+    return masks_from_scores(layout, magnitude_scores(layout, params), sparsity, scope, None,
+                             alive_weights(layout, params))

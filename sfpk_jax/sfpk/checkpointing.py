@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from sfpk_jax import checkpoints, sharding
+from sfpk_jax.parallel import sharding
+from sfpk_jax.storage import checkpoints
 
 # Fields that change how the work is scheduled, not what is computed. The
 # particle mode may still change float rounding: bit-for-bit resumption needs
@@ -80,7 +81,7 @@ def fingerprint(config, sparsity: float, paths, theta, mask_shapes) -> dict[str,
 class SimulationCheckpoints:
     """The checkpoints of one simulation (used by :func:`sfpk_jax.sfpk_prune`).
 
-    A :class:`sfpk_jax.checkpoints.Series` whose steps are simulation steps
+    A :class:`sfpk_jax.storage.checkpoints.Series` whose steps are simulation steps
     and whose records hold the fingerprint and the trace so far.
     """
 

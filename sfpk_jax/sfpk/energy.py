@@ -16,9 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.config import SFPKConfig
-from sfpk_jax.masks import MaskLayout
-from sfpk_jax.polarizers import polarize
+from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax.core.polarizers import polarize
+from sfpk_jax.sfpk.config import SFPKConfig
 
 EnergyFn = Callable[[Any, list, Any], tuple[jax.Array, list]]
 
@@ -67,24 +67,3 @@ def _cast_floats(tree: Any, dtype: str) -> Any:
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(jnp.result_type(x), jnp.floating) else x, tree
     )
-
-
-def stack_outputs(outputs) -> tuple[jax.Array, list]:
-    """One ``(E, grad E)`` per particle -> ``(E (n,), grad leaves (n, ...))``."""
-    energy = jnp.stack([e for e, _ in outputs])
-    grads = [jnp.stack(leaf) for leaf in zip(*(g for _, g in outputs))]
-    return energy, grads
-
-
-def all_particles(energy_fn: EnergyFn, mode: str, chunk: int) -> EnergyFn:
-    """E and grad E for every particle at once (``vmap`` or chunked ``map``).
-
-    Particle i uses slice i of every batch leaf; params are shared.
-    """
-    if mode == "vmap":
-        return jax.vmap(energy_fn, in_axes=(None, 0, 0))
-    if mode == "map":
-        return lambda params, particles, batch: jax.lax.map(
-            lambda xs: energy_fn(params, *xs), (particles, batch), batch_size=chunk
-        )
-    raise ValueError(f"particle mode {mode!r} is not traceable; 'loop' is driven by the caller")

@@ -1,17 +1,27 @@
-"""k-th smallest thresholds and exact top-k masks over lists of leaves.
+"""Exact top-k: k-th smallest thresholds, and masks from scores with the exact kept count.
 
 Global scope treats all leaves as one vector; local scope treats each leaf on
 its own. Every threshold of the spec (polarizer, hard vote, final mask) is the
-k-th smallest value of such a vector, so they all come from here.
+k-th smallest value of such a vector, so they all come from here, and so does
+:func:`masks_from_scores`, the one step from any pruner's scores to its masks.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from sfpk_jax.core import channels
+from sfpk_jax.core.masks import MaskLayout
+
+SCOPES = ("global", "local")
+
+PyTree = Any
 
 
 def _flat(leaves: Sequence[jax.Array]) -> jax.Array:
@@ -147,3 +157,90 @@ def topk_mask(
         _keep_top(jnp.ravel(s), int(r), noise(s.size, i)).astype(jnp.float32).reshape(s.shape)
         for i, (s, r) in enumerate(zip(scores, remove))
     ]
+
+
+def check_sparsity(sparsity) -> float:
+    """Validates a sparsity (fraction removed) and returns it as a float."""
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float, np.floating)):
+        raise TypeError(f"sparsity must be a number in (0, 1), got {type(sparsity).__name__}")
+    if not (0.0 < float(sparsity) < 1.0):
+        raise ValueError(
+            f"sparsity={sparsity!r} is outside (0, 1): it is the fraction of prunable "
+            "entries to remove, e.g. 0.95 keeps 5%"
+        )
+    return float(sparsity)
+
+
+def positive_keys(scores: Sequence[jax.Array], alive: Sequence[jax.Array]) -> list[jax.Array]:
+    """Order-preserving map of real scores to unsigned keys >= 1 (0 where not alive).
+
+    :func:`topk_mask` never keeps a score <= 0; the keys let signed
+    scores (random, GraSP) and zero scores of live weights (SNIP, SynFlow)
+    compete, while dead weights still cannot come back. Equal scores get
+    equal keys (-0 counts as 0), so ties stay ties for the top-k to break.
+    """
+    wide = any(jnp.dtype(s.dtype) == jnp.float64 for s in scores)
+    ftype = jnp.float64 if wide else jnp.float32
+    out = []
+    for s, a in zip(scores, alive):
+        value = s.astype(ftype)
+        keys = ordered_keys(jnp.where(value == 0, ftype(0), value))
+        out.append(jnp.where(a, keys, jnp.zeros_like(keys)))
+    return out
+
+
+def masks_from_scores(
+    layout: MaskLayout,
+    scores: Sequence[jax.Array],
+    sparsity: float,
+    scope: str,
+    key: jax.Array | None,
+    alive: Sequence[jax.Array] | None = None,
+) -> PyTree:
+    """Exact-count 0/1 masks keeping the highest scores.
+
+    Args:
+      layout: where the prunable leaves sit.
+      scores: real scores (any sign), one array per prunable leaf; higher is kept.
+      sparsity: fraction of prunable entries to remove, in (0, 1).
+      scope: ``global`` (one ranking) or ``local`` (every leaf keeps the same fraction).
+      key: optional PRNG key breaking exact ties (else by position).
+      alive: optional bool arrays; entries that are False are never kept
+        (pass ``theta != 0`` so already-pruned weights stay pruned).
+
+    Returns:
+      A float32 mask tree mirroring params (None where not pruned); exactly
+      ``floor(sparsity * D)`` entries (per leaf in local scope) are removed
+      unless fewer than the kept count are alive.
+    """
+    sparsity = check_sparsity(sparsity)
+    if scope not in SCOPES:
+        raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
+    scores = [jnp.asarray(s) for s in scores]
+    for path, shape, s in zip(layout.paths, layout.shapes, scores):
+        if s.shape != shape:
+            raise ValueError(f"scores for {path} have shape {s.shape}, expected {shape}")
+        if bool(jnp.any(jnp.isnan(s))):
+            raise ValueError(
+                f"scores for {path} contain NaN: check the parameters and the data "
+                "(SynFlow can overflow in float32 on very deep networks)"
+            )
+    if alive is None:
+        alive = [jnp.ones(s.shape, bool) for s in scores]
+    sizes = layout.sizes
+    if channels.is_structured(layout.mask_shapes, layout.shapes):
+        if scope != "local":
+            raise ValueError("channel masks need scope='local': channel pruning is layer-wise")
+        # A channel scores the sum of its entries' scores and lives while any entry does.
+        scores = [channels.covered_sum(s, m) for s, m in zip(scores, layout.mask_shapes)]
+        alive = [channels.covered_sum(a.astype(jnp.int32), m) > 0
+                 for a, m in zip(alive, layout.mask_shapes)]
+        sparsity, sizes = channels.mask_sparsity(sparsity, True), layout.mask_sizes
+    remove = remove_counts(sizes, sparsity, scope)
+    keys = positive_keys(scores, alive)
+    return layout.scatter(topk_mask(keys, remove, scope, key))
+
+
+def alive_weights(layout: MaskLayout, params: PyTree) -> list[jax.Array]:
+    """``theta != 0`` for every prunable leaf (zeros are weights pruned earlier)."""
+    return [t != 0 for t in layout.gather(params)]

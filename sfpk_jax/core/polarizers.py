@@ -16,8 +16,8 @@ import jax.numpy as jnp
 from jax.scipy.special import logit
 from jax.scipy.stats import norm
 
-from sfpk_jax import sparsity as sparsity_lib
-from sfpk_jax import structure, thresholds
+from sfpk_jax.core import channels, topk
+from sfpk_jax.core import density as density_lib
 
 EPS = 1e-12
 
@@ -37,20 +37,20 @@ def _straight_through_jvp(primals, tangents):
 def _context(mask, theta):
     # Scores that decide which entries survive: |m| times the |theta| each mask
     # entry covers (theta held fixed); |m * theta| for unstructured masks.
-    return [jnp.abs(m) * structure.abs_weight(jax.lax.stop_gradient(t), m.shape)
+    return [jnp.abs(m) * channels.abs_weight(jax.lax.stop_gradient(t), m.shape)
             for m, t in zip(mask, theta)]
 
 
 def _density(mask, theta, kind: str, scope: str):
-    node = [t.size // m.size for m, t in zip(mask, theta)]
-    return jax.lax.stop_gradient(sparsity_lib.sparsity(mask, kind, scope, node))
+    node = [channels.node_size(t.shape, m.shape) for m, t in zip(mask, theta)]
+    return jax.lax.stop_gradient(density_lib.density(mask, kind, scope, node))
 
 
 def _binary(mask, theta, kind: str, scope: str):
     """b = 1[|m theta| >= tau] and k, the number of mask entries G says to remove."""
     density = _density(mask, theta, kind, scope)
-    k = thresholds.counts([m.size for m in mask], density, scope)
-    b = thresholds.at_or_above_kth(jax.lax.stop_gradient(_context(mask, theta)), k, scope)
+    k = topk.counts([m.size for m in mask], density, scope)
+    b = topk.at_or_above_kth(jax.lax.stop_gradient(_context(mask, theta)), k, scope)
     return b, k
 
 

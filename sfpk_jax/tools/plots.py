@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only; experiments run headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sfpk_jax import io  # noqa: E402
+from sfpk_jax.storage import files as io  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
@@ -57,7 +57,7 @@ def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str) -> Non
     """
     fig, (ax_g, ax_e) = plt.subplots(1, 2, figsize=(10, 4))
     for i, (label, trace) in enumerate(traces.items()):
-        g, e = np.asarray(trace["sparsity"]), np.asarray(trace["energy"])
+        g, e = np.asarray(trace["density"]), np.asarray(trace["energy"])
         steps = np.arange(1, g.shape[0] + 1)
         for p in range(g.shape[1]):
             kwargs = {"label": label} if p == 0 else {}

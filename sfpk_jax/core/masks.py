@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfpk_jax import structure
+from sfpk_jax.core import channels
 
 PyTree = Any
 Prunable = Union[None, str, Callable[[str, Any], bool]]
@@ -101,7 +101,7 @@ class MaskLayout:
       shapes: the parameter shapes of the prunable leaves.
       mask_shapes: the masks' shapes: the parameter shapes (unstructured) or
         channel shapes that broadcast over the kernels (see
-        :mod:`sfpk_jax.structure`).
+        :mod:`sfpk_jax.core.channels`).
     """
 
     treedef: Any
@@ -125,8 +125,8 @@ class MaskLayout:
         Returns:
           The layout.
         """
-        if mask_dim not in (None, *structure.MASK_DIMS):
-            raise ValueError(f"mask_dim={mask_dim!r} is not one of None, {structure.MASK_DIMS}")
+        if mask_dim not in (None, *channels.MASK_DIMS):
+            raise ValueError(f"mask_dim={mask_dim!r} is not one of None, {channels.MASK_DIMS}")
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         chosen = select(params, prunable)
         index = tuple(i for i, c in enumerate(chosen) if c)
@@ -145,7 +145,7 @@ class MaskLayout:
             paths=paths,
             shapes=shapes,
             mask_shapes=tuple(
-                structure.mask_shape(s, mask_dim, p.rpartition("/")[2] == "kernel" and len(s) >= 2)
+                channels.mask_shape(s, mask_dim, p.rpartition("/")[2] == "kernel" and len(s) >= 2)
                 for p, s in zip(paths, shapes)
             ),
         )
@@ -168,7 +168,7 @@ class MaskLayout:
     @property
     def node_sizes(self) -> tuple[int, ...]:
         """Parameter entries each mask entry covers, per leaf (1 when unstructured)."""
-        return tuple(structure.node_size(p, m) for p, m in zip(self.shapes, self.mask_shapes))
+        return tuple(channels.node_size(p, m) for p, m in zip(self.shapes, self.mask_shapes))
 
     def gather(self, tree: PyTree) -> list:
         """The prunable leaves of a params or mask tree, in layout order."""

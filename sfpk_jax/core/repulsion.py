@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax import structure
+from sfpk_jax.core import channels
 
 EPS = 1e-12
 
@@ -31,10 +31,10 @@ def _weights(particles, theta, weighted: bool):
     for m, t in zip(particles, theta):
         shape = m.shape[1:]
         if weighted:
-            w.append(structure.abs_weight(t, shape)[None])
-            w2.append(structure.sq_weight(t, shape)[None])
+            w.append(channels.abs_weight(t, shape)[None])
+            w2.append(channels.sq_weight(t, shape)[None])
         else:
-            node = jnp.full((1, *shape), t.size // m[0].size, m.dtype)
+            node = jnp.full((1, *shape), channels.node_size(t.shape, shape), m.dtype)
             w.append(node)
             w2.append(node)
     return w, w2

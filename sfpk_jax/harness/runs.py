@@ -33,21 +33,44 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sfpk_jax import checkpoints, io, plotting, sharding
-from sfpk_jax.batchnorm import recompute_batch_stats
-from sfpk_jax.config import (
-    COMPUTE_DTYPES, PARTICLE_MODES, POLARIZERS, REPULSION_MODES, SCHEDULES, SCOPES, SFPKConfig,
-    SPARSITY_FNS, VOTE_MODES,
+from sfpk_jax.core.channels import MASK_DIMS
+from sfpk_jax.core.masks import MaskLayout, apply_masks, density, path_to_str
+from sfpk_jax.data import (
+    DATASETS,
+    DataBundle,
+    DatasetNotFoundError,
+    Loader,
+    load,
+    particle_loader,
 )
-from sfpk_jax.data import DATASETS, DataBundle, DatasetNotFoundError, Loader, load, particle_loader
 from sfpk_jax.data.pipeline import read_batch
-from sfpk_jax.masks import MaskLayout, apply_masks, density, path_to_str
 from sfpk_jax.models import build, registered
+from sfpk_jax.parallel import sharding
+from sfpk_jax.parallel.sharding import default_mesh
 from sfpk_jax.pruners import PRUNERS, prune
-from sfpk_jax.resume import CheckpointPolicy, ResumeError
-from sfpk_jax.simulation import SFPKResult, default_mesh
-from sfpk_jax.structure import MASK_DIMS
-from sfpk_jax.training import evaluate_batches, lr_schedule, make_loss_fn, train_epoch
+from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
+from sfpk_jax.sfpk.config import (
+    COMPUTE_DTYPES,
+    PARTICLE_MODES,
+    POLARIZERS,
+    REPULSION_MODES,
+    SCHEDULES,
+    SCOPES,
+    SPARSITY_FNS,
+    VOTE_MODES,
+    SFPKConfig,
+)
+from sfpk_jax.sfpk.state import SFPKResult
+from sfpk_jax.storage import checkpoints
+from sfpk_jax.storage import files as io
+from sfpk_jax.tools import plots as plotting
+from sfpk_jax.train import (
+    evaluate_batches,
+    lr_schedule,
+    make_loss_fn,
+    recompute_batch_stats,
+    train_epoch,
+)
 
 SMOKE = {"train_examples": 256, "test_examples": 128, "steps": 3, "particles": 2,
          "prune_batch_size": 16, "batch_size": 32, "epochs": 2, "rounds": 2, "round_epochs": 1}

@@ -1,11 +1,11 @@
-"""One-shot baseline pruners: random, SNIP, GraSP and SynFlow.
+"""Scores of the one-shot baselines: random, SNIP, GraSP and SynFlow.
 
 Each ``*_scores`` function returns one score array per prunable leaf (a list
-in :class:`~sfpk_jax.masks.MaskLayout` order) with the convention of the
+in :class:`~sfpk_jax.core.masks.MaskLayout` order) with the convention of the
 official SFPK code (``Methods/pruners.py``): **higher scores are kept**, the
 ``floor(sparsity * D)`` lowest are removed (globally, or per layer in local
-scope). :func:`_masks_from_scores` turns any such scores into exact-count
-masks; magnitude pruning uses it too.
+scope). :func:`sfpk_jax.core.topk.masks_from_scores` turns any such scores
+into exact-count masks.
 
 Data conventions (SNIP and GraSP): ``batches`` yields the same per-step
 batches as SFPK, every leaf with a leading particle axis ``n``. Each slice
@@ -30,94 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfpk_jax import structure, thresholds
-from sfpk_jax.config import SCOPES
-from sfpk_jax.masks import MaskLayout, path_to_str
-from sfpk_jax.simulation import check_sparsity
+from sfpk_jax.core.masks import MaskLayout, path_to_str
+from sfpk_jax.core.topk import alive_weights, check_sparsity, masks_from_scores
 
 PyTree = Any
 LogitsFn = Callable[[PyTree, jax.Array], jax.Array]
 
 GRASP_TEMPERATURE = 200.0  # official GraSP: logits / 200 before the loss
 GRASP_EPS = 1e-10  # official GraSP: scores / (|sum| + 1e-10)
-
-
-# --------------------------------------------------------------------- masks
-
-
-def _positive_keys(scores: Sequence[jax.Array], alive: Sequence[jax.Array]) -> list[jax.Array]:
-    """Order-preserving map of real scores to unsigned keys >= 1 (0 where not alive).
-
-    :func:`thresholds.topk_mask` never keeps a score <= 0; the keys let signed
-    scores (random, GraSP) and zero scores of live weights (SNIP, SynFlow)
-    compete, while dead weights still cannot come back. Equal scores get
-    equal keys (-0 counts as 0), so ties stay ties for the top-k to break.
-    """
-    wide = any(jnp.dtype(s.dtype) == jnp.float64 for s in scores)
-    ftype = jnp.float64 if wide else jnp.float32
-    out = []
-    for s, a in zip(scores, alive):
-        value = s.astype(ftype)
-        keys = thresholds.ordered_keys(jnp.where(value == 0, ftype(0), value))
-        out.append(jnp.where(a, keys, jnp.zeros_like(keys)))
-    return out
-
-
-def _masks_from_scores(
-    layout: MaskLayout,
-    scores: Sequence[jax.Array],
-    sparsity: float,
-    scope: str,
-    key: jax.Array | None,
-    alive: Sequence[jax.Array] | None = None,
-) -> PyTree:
-    """Exact-count 0/1 masks keeping the highest scores.
-
-    Args:
-      layout: where the prunable leaves sit.
-      scores: real scores (any sign), one array per prunable leaf; higher is kept.
-      sparsity: fraction of prunable entries to remove, in (0, 1).
-      scope: ``global`` (one ranking) or ``local`` (every leaf keeps the same fraction).
-      key: optional PRNG key breaking exact ties (else by position).
-      alive: optional bool arrays; entries that are False are never kept
-        (pass ``theta != 0`` so already-pruned weights stay pruned).
-
-    Returns:
-      A float32 mask tree mirroring params (None where not pruned); exactly
-      ``floor(sparsity * D)`` entries (per leaf in local scope) are removed
-      unless fewer than the kept count are alive.
-    """
-    sparsity = check_sparsity(sparsity)
-    if scope not in SCOPES:
-        raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
-    scores = [jnp.asarray(s) for s in scores]
-    for path, shape, s in zip(layout.paths, layout.shapes, scores):
-        if s.shape != shape:
-            raise ValueError(f"scores for {path} have shape {s.shape}, expected {shape}")
-        if bool(jnp.any(jnp.isnan(s))):
-            raise ValueError(
-                f"scores for {path} contain NaN: check the parameters and the data "
-                "(SynFlow can overflow in float32 on very deep networks)"
-            )
-    if alive is None:
-        alive = [jnp.ones(s.shape, bool) for s in scores]
-    sizes = layout.sizes
-    if structure.is_structured(layout.mask_shapes, layout.shapes):
-        if scope != "local":
-            raise ValueError("channel masks need scope='local': channel pruning is layer-wise")
-        # A channel scores the sum of its entries' scores and lives while any entry does.
-        scores = [structure.covered_sum(s, m) for s, m in zip(scores, layout.mask_shapes)]
-        alive = [structure.covered_sum(a.astype(jnp.int32), m) > 0
-                 for a, m in zip(alive, layout.mask_shapes)]
-        sparsity, sizes = structure.mask_sparsity(sparsity, True), layout.mask_sizes
-    remove = thresholds.remove_counts(sizes, sparsity, scope)
-    keys = _positive_keys(scores, alive)
-    return layout.scatter(thresholds.topk_mask(keys, remove, scope, key))
-
-
-def alive_weights(layout: MaskLayout, params: PyTree) -> list[jax.Array]:
-    """``theta != 0`` for every prunable leaf (zeros are weights pruned earlier)."""
-    return [t != 0 for t in layout.gather(params)]
 
 
 # ---------------------------------------------------------------------- data
@@ -393,6 +313,6 @@ def synflow_masks(
         scores = synflow_scores(logits_fn, params, layout, input_shape, masks)
         keep = alive if masks is None else [a & (m != 0) for a, m in zip(alive, masks)]
         round_key = None if key is None else jax.random.fold_in(key, k)
-        tree = _masks_from_scores(layout, scores, removed, scope, round_key, keep)
+        tree = masks_from_scores(layout, scores, removed, scope, round_key, keep)
         masks = layout.gather(tree)
     return tree

@@ -1,4 +1,4 @@
-"""Supervised training with optax, optionally with fixed pruning masks."""
+"""The training loop: optax steps with fixed pruning masks, epochs, and evaluation."""
 
 from __future__ import annotations
 
@@ -12,51 +12,13 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from sfpk_jax import sharding as sharding_lib
-from sfpk_jax.data.digits import batch_iterator
-from sfpk_jax.masks import apply_masks
-from sfpk_jax.models.registry import ApplyFn
+from sfpk_jax.core.masks import apply_masks
+from sfpk_jax.data.arrays import batch_iterator
+from sfpk_jax.models import ApplyFn
+from sfpk_jax.parallel import sharding as sharding_lib
+from sfpk_jax.train.losses import cross_entropy
 
 PyTree = Any
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
-    """Mean softmax cross-entropy against integer labels.
-
-    Args:
-      logits: ``(batch, classes)``.
-      labels: ``(batch,)`` integer class indices.
-      label_smoothing: mass spread uniformly over the classes, in [0, 1).
-
-    Returns:
-      The scalar mean loss.
-    """
-    if label_smoothing > 0.0:
-        targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
-        return optax.softmax_cross_entropy(logits, targets).mean()
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
-
-def make_loss_fn(apply_fn: ApplyFn, variables: dict):
-    """The training-mode loss as a function of the parameters alone.
-
-    Batch norm normalises with the batch's statistics (training mode); the
-    running statistics in ``variables`` are neither used nor changed.
-
-    Args:
-      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
-      variables: model variables; everything except ``params`` is held fixed.
-
-    Returns:
-      ``loss_fn(params, batch) -> scalar`` where ``batch`` holds ``"image"``
-      and ``"label"``.
-    """
-
-    def loss_fn(params: PyTree, batch: dict) -> jax.Array:
-        logits, _ = apply_fn({**variables, "params": params}, batch["image"], True)
-        return cross_entropy(logits, batch["label"])
-
-    return loss_fn
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
@@ -185,12 +147,12 @@ def train_epoch(
       epoch: epoch number, for the error message and the bar.
       progress: show a tqdm bar over the steps.
       desc: label of the bar.
-      mesh: optional device mesh (``sfpk_jax.sharding.particle_mesh()``) for
+      mesh: optional device mesh (``sfpk_jax.parallel.sharding.particle_mesh()``) for
         data-parallel training: each batch is split over all its devices and
         ``variables``, ``opt_state`` and ``masks`` are replicated, so the jitted
         step runs on every device; batch norm still sees the whole batch. Batch
         sizes must be multiples of the device count. With several processes,
-        each passes its own part of every batch (see ``sfpk_jax.sharding``).
+        each passes its own part of every batch (see ``sfpk_jax.parallel.sharding``).
         None: the step runs where its inputs are (one device), as before.
 
     Returns:
@@ -279,74 +241,3 @@ def train(
     return variables, history
 
 
-def lr_schedule(
-    lr: float,
-    epochs: int,
-    steps_per_epoch: int,
-    warmup_epochs: int = 0,
-    warmup_start: float = 1e-4,
-) -> optax.Schedule:
-    """Cosine decay to zero over all steps, after an optional linear warm-up.
-
-    Args:
-      lr: peak learning rate.
-      epochs: total epochs, warm-up included.
-      steps_per_epoch: optimizer steps per epoch.
-      warmup_epochs: epochs of linear warm-up from ``warmup_start`` to ``lr``,
-        in [0, epochs).
-      warmup_start: learning rate at step 0 when warming up.
-
-    Returns:
-      The schedule, step -> learning rate.
-    """
-    if epochs < 1 or steps_per_epoch < 1:
-        raise ValueError(
-            f"epochs and steps_per_epoch must be at least 1, got {epochs} and {steps_per_epoch}"
-        )
-    if not 0 <= warmup_epochs < epochs:
-        raise ValueError(f"warmup_epochs must lie in [0, {epochs - 1}] (epochs - 1), got {warmup_epochs}")
-    total = epochs * steps_per_epoch
-    if warmup_epochs == 0:
-        return optax.cosine_decay_schedule(lr, decay_steps=total)
-    return optax.warmup_cosine_decay_schedule(
-        init_value=warmup_start,
-        peak_value=lr,
-        warmup_steps=warmup_epochs * steps_per_epoch,
-        decay_steps=total,
-    )
-
-
-def sgd_cosine(
-    lr: float,
-    epochs: int,
-    steps_per_epoch: int,
-    momentum: float = 0.9,
-    weight_decay: float = 0.0,
-    warmup_epochs: int = 0,
-    warmup_start: float = 1e-4,
-    nesterov: bool = False,
-) -> optax.GradientTransformation:
-    """SGD with momentum on the :func:`lr_schedule` cosine schedule.
-
-    The paper retrains with lr 0.01, momentum 0.875 and 5 warm-up epochs from
-    1e-4 followed by cosine decay.
-
-    Args:
-      lr: peak learning rate.
-      epochs: total epochs, warm-up included.
-      steps_per_epoch: optimizer steps per epoch.
-      momentum: heavy-ball momentum (0 for plain SGD).
-      weight_decay: L2 coefficient added to the gradient of every parameter
-        (coupled, as in torch's SGD); off when 0.
-      warmup_epochs: epochs of linear warm-up, in [0, epochs).
-      warmup_start: learning rate at step 0 when warming up.
-      nesterov: use Nesterov momentum.
-
-    Returns:
-      The optax transformation.
-    """
-    schedule = lr_schedule(lr, epochs, steps_per_epoch, warmup_epochs, warmup_start)
-    sgd = optax.sgd(schedule, momentum=momentum, nesterov=nesterov)
-    if weight_decay > 0.0:
-        return optax.chain(optax.add_decayed_weights(weight_decay), sgd)
-    return sgd

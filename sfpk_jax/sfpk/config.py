@@ -5,7 +5,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from sfpk_jax.structure import MASK_DIMS
+from sfpk_jax.core.channels import MASK_DIMS
+from sfpk_jax.core.topk import SCOPES
 
 SCHEDULES = ("exp", "lin", "ada_exp", "ada_lin")
 SPARSITY_FNS = ("l2", "l1")
@@ -13,7 +14,6 @@ POLARIZERS = ("onehot", "onehot_soft", "identity", "quantile_sigmoid", "gauss_si
 REPULSION_MODES = ("exp", "cos")
 VOTE_MODES = ("soft", "hard")
 SCORES = ("mp", "m")
-SCOPES = ("global", "local")
 PARTICLE_MODES = ("loop", "vmap", "map", "shard")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
@@ -53,7 +53,7 @@ class SFPKConfig:
       particle_mode: how particles go through the model: ``loop`` (one jitted
         call per particle, dispatched asynchronously), ``vmap`` (all at once),
         ``map`` (``lax.map`` in chunks of ``particle_chunk``) or ``shard``
-        (split over the devices of a mesh, see :mod:`sfpk_jax.sharding`).
+        (split over the devices of a mesh, see :mod:`sfpk_jax.parallel.sharding`).
       particle_chunk: particles per chunk in ``map`` mode (bounds memory).
       compute_dtype: dtype of the model's forward and backward passes in the
         energy: ``float32``, or ``bfloat16`` (faster on accelerators with
@@ -143,6 +143,11 @@ def _check_real(value, name, *, lo=None, hi=None, lo_open=True, hi_open=False, w
         raise ValueError(f"SFPKConfig.{name}={value!r} must be a finite number {what}")
 
 
+def spode(config: SFPKConfig | None = None) -> SFPKConfig:
+    """SpODE (Mo et al., ICML 2023): ``config`` with one particle and no repulsion."""
+    return (config or SFPKConfig()).replace(particles=1, repulsion=0.0)
+
+
 def spode_config(**changes) -> SFPKConfig:
-    """SpODE (Mo et al., ICML 2023): SFPK with one particle and no repulsion."""
-    return SFPKConfig(**{"particles": 1, "repulsion": 0.0, **changes})
+    """The SpODE config with ``changes`` to its other fields (see :func:`spode`)."""
+    return spode(SFPKConfig(**changes))

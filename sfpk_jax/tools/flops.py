@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from sfpk_jax.masks import path_to_str
+from sfpk_jax.core.masks import path_to_str
 
 
 class LayerCost(NamedTuple):

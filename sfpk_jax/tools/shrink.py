@@ -45,9 +45,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfpk_jax import structure
-from sfpk_jax.masks import path_to_str
+from sfpk_jax.core import channels
+from sfpk_jax.core.masks import path_to_str
 from sfpk_jax.models import small_cnn, vgg
+from sfpk_jax.models.common import BN_EPSILON
 
 # Factories of the registered models that can be shrunk, by registry name.
 _FACTORIES = {"vgg16_bn": vgg.vgg16_bn, "vgg19_bn": vgg.vgg19_bn, "mlp": small_cnn.mlp}
@@ -179,7 +180,7 @@ def _as_numpy(variables: Any) -> dict:
 def _masked_params(params: Any, masks: Any) -> tuple[dict, dict[str, np.ndarray]]:
     """Masked params as a flat ``{path: array}`` dict, and kernel masks broadcast to bools.
 
-    Every kernel mask must be a channel mask (see :mod:`sfpk_jax.structure`):
+    Every kernel mask must be a channel mask (see :mod:`sfpk_jax.core.channels`):
     an unstructured mask leaves no whole channel to drop, so shrinking would
     silently buy nothing.
     """
@@ -198,12 +199,12 @@ def _masked_params(params: Any, masks: Any) -> tuple[dict, dict[str, np.ndarray]
         mask = np.asarray(mask)
         shape = tuple(param.shape)
         is_kernel = path.rpartition("/")[2] == "kernel" and param.ndim >= 2
-        if is_kernel and mask.shape not in {structure.mask_shape(shape, d, True)
-                                            for d in structure.MASK_DIMS}:
+        if is_kernel and mask.shape not in {channels.mask_shape(shape, d, True)
+                                            for d in channels.MASK_DIMS}:
             raise ValueError(
                 f"the mask of {path} has shape {mask.shape}, not a channel mask of the "
-                f"kernel {shape} (output channels: {structure.mask_shape(shape, 'out', True)}, "
-                f"input channels: {structure.mask_shape(shape, 'in', True)}); shrinking needs "
+                f"kernel {shape} (output channels: {channels.mask_shape(shape, 'out', True)}, "
+                f"input channels: {channels.mask_shape(shape, 'in', True)}); shrinking needs "
                 "channel masks: prune with mask_dim='out' or 'in' and scope='local'"
             )
         try:
@@ -319,7 +320,7 @@ def _shrink_vgg(module: vgg.VGG, flat: dict, stats: Any, alive: dict) -> Shrunk:
         used = _row_used(alive, next_path, next_shape, c)
         # Eval-mode batch norm, written as Flax computes it.
         z = conv_b[li].astype(np.float64) - means[li]
-        k = np.maximum(z * (scales[li] / np.sqrt(vars_[li].astype(np.float64) + small_cnn.BN_EPSILON))
+        k = np.maximum(z * (scales[li] / np.sqrt(vars_[li].astype(np.float64) + BN_EPSILON))
                        + betas[li], 0.0)
         keep.append(produced & used)
         const.append(np.where(produced, 0.0, k))  # only zero-kernel channels are constant

@@ -1,12 +1,15 @@
-"""The sparsity functional G: a differentiable density of a continuous mask.
+"""The density functional G: a differentiable density of a continuous mask.
 
-G(1) = 1 and G falls toward the fraction of entries kept as the mask goes to
-0/1. ``l2``: sqrt(sum m^2 + 1e-12) / sqrt(D); ``l1``: sum |m| / D. In local
-scope each layer has its own G_l over its own D_l.
+The paper calls G the sparsity functional; its value is a density: G(1) = 1,
+and G falls toward the fraction of entries kept as the mask goes to 0/1.
+``l2``: sqrt(sum m^2 + 1e-12) / sqrt(D); ``l1``: sum |m| / D. In local scope
+each layer has its own G_l over its own D_l.
 """
 
 from __future__ import annotations
 
+import functools
+import warnings
 from collections.abc import Sequence
 
 import jax
@@ -26,7 +29,7 @@ def _nodes(mask, node):
     return (1,) * len(mask) if node is None else tuple(node)
 
 
-def global_sparsity(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | None = None) -> jax.Array:
+def global_density(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | None = None) -> jax.Array:
     """G over all prunable entries of one particle (scalar).
 
     Args:
@@ -34,6 +37,9 @@ def global_sparsity(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | 
       kind: ``l2`` or ``l1``.
       node: parameter entries covered by one mask entry, per leaf (channel
         masks); None for unstructured masks.
+
+    Returns:
+      The scalar G.
     """
     node = _nodes(mask, node)
     total = sum(m.size * n for m, n in zip(mask, node))
@@ -43,7 +49,7 @@ def global_sparsity(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | 
     return s / total
 
 
-def layer_sparsity(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | None = None) -> jax.Array:
+def layer_density(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | None = None) -> jax.Array:
     """G_l for every layer of one particle, shape (L,)."""
     node = _nodes(mask, node)
     sizes = jnp.asarray([m.size * n for m, n in zip(mask, node)], mask[0].dtype)
@@ -53,16 +59,16 @@ def layer_sparsity(mask: Sequence[jax.Array], kind: str, node: Sequence[int] | N
     return s / sizes
 
 
-def sparsity(
+def density(
     mask: Sequence[jax.Array], kind: str, scope: str, node: Sequence[int] | None = None
 ) -> jax.Array:
     """G in the given scope: a scalar (global) or one value per layer (local)."""
     if scope == "global":
-        return global_sparsity(mask, kind, node)
-    return layer_sparsity(mask, kind, node)
+        return global_density(mask, kind, node)
+    return layer_density(mask, kind, node)
 
 
-def sparsity_and_descent(
+def density_and_descent(
     mask: Sequence[jax.Array], kind: str, scope: str, node: Sequence[int] | None = None
 ) -> tuple[jax.Array, list[jax.Array]]:
     """G and g = -grad G for one particle.
@@ -71,8 +77,26 @@ def sparsity_and_descent(
     gradient of that layer's own G_l, which is what the per-layer step needs.
     """
     def total(m):
-        g = sparsity(m, kind, scope, node)
+        g = density(m, kind, scope, node)
         return jnp.sum(g), g
 
     grad, g_value = jax.grad(total, has_aux=True)(list(mask))
     return g_value, [-x for x in grad]
+
+
+def _renamed(new, old: str):
+    @functools.wraps(new)
+    def alias(*args, **kwargs):
+        warnings.warn(f"{old} is now {new.__name__} (G is a density)", DeprecationWarning,
+                      stacklevel=2)
+        return new(*args, **kwargs)
+
+    alias.__name__ = alias.__qualname__ = old
+    alias.__doc__ = f"Deprecated alias of :func:`{new.__name__}`, kept for one release."
+    return alias
+
+
+global_sparsity = _renamed(global_density, "global_sparsity")
+layer_sparsity = _renamed(layer_density, "layer_sparsity")
+sparsity = _renamed(density, "sparsity")
+sparsity_and_descent = _renamed(density_and_descent, "sparsity_and_descent")

@@ -1,0 +1,159 @@
+"""The registry of pruners by name, and ``prune(method, ...)`` that runs any of them.
+
+A pruner is a function with the signature of :data:`PrunerFn`::
+
+    fn(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, **options)
+        -> a result with ``.masks`` (a mask tree mirroring params)
+
+registered with what it needs (:class:`PrunerSpec`), so that a caller such
+as the experiment harness can prepare exactly that: data, a ``logits_fn``,
+the input shape, or the options of a particle simulation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, NamedTuple
+
+import jax
+
+from sfpk_jax.core.masks import Prunable
+
+PrunerFn = Callable[..., Any]
+
+
+class PruneResult(NamedTuple):
+    """The masks of a one-shot pruner (a tree mirroring params, None where not pruned).
+
+    SFPK and SpODE return :class:`sfpk_jax.SFPKResult` instead, which also
+    carries the particle system; both have ``.masks``.
+    """
+
+    masks: Any
+
+
+class PrunerSpec(NamedTuple):
+    """A registered pruner and what it needs from its caller.
+
+    Attributes:
+      fn: the pruner (signature :data:`PrunerFn`).
+      needs_data: it reads ``batches`` (leading particle axis on every leaf).
+      simulation: a particle simulation (SFPK-like): it takes the options
+        ``config``, ``init``, ``checkpoint`` and ``mesh``, ``batches`` may be
+        a function ``start -> iterable``, and it returns an
+        :class:`sfpk_jax.SFPKResult`.
+      particles: the leading axis of its batches: an int, or None for the
+        ``particles`` of its ``config``.
+      needs_logits: it needs the option ``logits_fn(params, x) -> logits``.
+      needs_input_shape: it needs the option ``input_shape`` (per example).
+      needs_key: it needs ``key`` (a PRNG key).
+      options: the names of the further options it accepts.
+    """
+
+    fn: PrunerFn
+    needs_data: bool = False
+    simulation: bool = False
+    particles: int | None = 1
+    needs_logits: bool = False
+    needs_input_shape: bool = False
+    needs_key: bool = False
+    options: tuple[str, ...] = ()
+
+
+PRUNERS: dict[str, PrunerSpec] = {}
+
+
+def register_pruner(name: str, fn: PrunerFn | None = None, **needs) -> Any:
+    """Registers ``fn`` under ``name`` for :func:`prune` and the experiments' ``--pruner``.
+
+    Args:
+      name: the pruner's name; an existing name is refused.
+      fn: the pruner (signature :data:`PrunerFn`). Without it, returns a
+        decorator.
+      **needs: the fields of :class:`PrunerSpec` besides ``fn``, e.g.
+        ``needs_data=True``.
+
+    Returns:
+      ``fn`` (or the decorator).
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"a pruner's name must be a non-empty string, got {name!r}")
+    if fn is None:
+        return lambda f: register_pruner(name, f, **needs)
+    if name in PRUNERS:
+        raise ValueError(f"a pruner named {name!r} is already registered; choose another name")
+    if not callable(fn):
+        raise TypeError(f"pruner {name!r} must be callable, got {type(fn).__name__}")
+    unknown = set(needs) - set(PrunerSpec._fields[1:])
+    if unknown:
+        raise TypeError(f"unknown pruner needs {sorted(unknown)}; choose from "
+                        f"{', '.join(PrunerSpec._fields[1:])}")
+    PRUNERS[name] = PrunerSpec(fn, **needs)
+    return fn
+
+
+def spec(method: str) -> PrunerSpec:
+    """The registered :class:`PrunerSpec` of ``method``.
+
+    Raises:
+      ValueError: no pruner of that name is registered.
+    """
+    if method not in PRUNERS:
+        raise ValueError(f"unknown pruner {method!r}; choose one of {', '.join(PRUNERS)}")
+    return PRUNERS[method]
+
+
+def prune(
+    method: str,
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batches: Iterable[Any] | None,
+    sparsity: float,
+    *,
+    prunable: Prunable = None,
+    scope: str = "global",
+    key: jax.Array | None = None,
+    mask_dim: str | None = None,
+    **options,
+) -> Any:
+    """Prunes ``params`` with the named method.
+
+    Args:
+      method: a registered name: ``sfpk``, ``spode``, ``magnitude``,
+        ``random``, ``snip``, ``grasp``, ``synflow``, or one added with
+        :func:`register_pruner`.
+      loss_fn: pure ``loss_fn(params, batch) -> scalar``.
+      params: the trained parameter pytree.
+      batches: per-step batches with a leading particle axis (SFPK, SpODE,
+        SNIP, GraSP; for the last two every particle slice is one mini-batch);
+        ignored by data-free methods (SynFlow reads only the input shape).
+      sparsity: fraction of prunable entries to remove.
+      prunable: leaf selection, as in :func:`sfpk_jax.sfpk_prune`.
+      scope: ``global`` or ``local`` (layer-wise) top-k.
+      mask_dim: None (unstructured), or ``"out"`` / ``"in"`` to prune whole
+        output or input channels (needs ``scope="local"``; every layer keeps
+        sqrt(1 - sparsity) of its channels, as the reference does).
+      key: PRNG key: the scores of ``random`` (required there); tie-breaking
+        for the others (ties go by position without it; magnitude ignores it).
+      **options: method options:
+
+        * ``sfpk``, ``spode``: ``config`` (an :class:`sfpk_jax.SFPKConfig`),
+          ``init`` (an earlier result), ``checkpoint`` (a
+          :class:`sfpk_jax.CheckpointPolicy`) and ``mesh`` (for
+          ``particle_mode="shard"``); ``batches`` may also be
+          a function ``start -> iterable`` (see :func:`sfpk_jax.sfpk_prune`).
+        * ``snip``: ``num_batches`` (default 1).
+        * ``grasp``: ``logits_fn(params, x) -> logits`` (required),
+          ``num_batches`` (1), ``temperature`` (200), ``input_key``
+          (``"image"``) and ``label_key`` (``"label"``) of the batches.
+        * ``synflow``: ``logits_fn(params, x)`` (required), ``input_shape``
+          (per example; read from the first batch's ``input_key`` if
+          omitted), ``iterations`` (1, as the official code; the paper: 100).
+
+        See :mod:`sfpk_jax.pruners.baselines`.
+
+    Returns:
+      A result with ``.masks``.
+    """
+    return spec(method).fn(loss_fn, params, batches, sparsity, prunable=prunable, scope=scope,
+                           key=key, mask_dim=mask_dim, **options)

@@ -1,0 +1,255 @@
+"""How the n particles go through the model: the compiled particle modes.
+
+``loop`` dispatches one jitted energy call per particle (asynchronously) and
+then the jitted update; ``vmap``, ``map`` (chunked ``lax.map``) and ``shard``
+(particles over a device mesh, ``shard_map``) compile the whole step into one
+program. Vmapping different masks through a convolution turns it into a
+grouped convolution, which is much slower than a loop on some backends: that
+is why ``loop`` and ``shard`` exist beside ``vmap``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax.parallel import sharding
+from sfpk_jax.sfpk import energy as energy_lib
+from sfpk_jax.sfpk.config import SFPKConfig
+from sfpk_jax.sfpk.energy import EnergyFn
+from sfpk_jax.sfpk.state import SFPKState, StepTrace
+from sfpk_jax.sfpk.update import sfpk_update
+
+
+def stack_outputs(outputs) -> tuple[jax.Array, list]:
+    """One ``(E, grad E)`` per particle -> ``(E (n,), grad leaves (n, ...))``."""
+    energy = jnp.stack([e for e, _ in outputs])
+    grads = [jnp.stack(leaf) for leaf in zip(*(g for _, g in outputs))]
+    return energy, grads
+
+
+def all_particles(energy_fn: EnergyFn, mode: str, chunk: int) -> EnergyFn:
+    """E and grad E for every particle at once (``vmap`` or chunked ``map``).
+
+    Particle i uses slice i of every batch leaf; params are shared.
+    """
+    if mode == "vmap":
+        return jax.vmap(energy_fn, in_axes=(None, 0, 0))
+    if mode == "map":
+        return lambda params, particles, batch: jax.lax.map(
+            lambda xs: energy_fn(params, *xs), (particles, batch), batch_size=chunk
+        )
+    raise ValueError(f"particle mode {mode!r} is not traceable; 'loop' is driven by the caller")
+
+
+def sharded_energies(energy_fn: EnergyFn, mesh: Mesh):
+    """E and grad E of every particle, the particles split over the mesh.
+
+    Same contract as :func:`all_particles`: the returned function
+    maps ``(params, particles, batch)`` (every particle leaf and batch leaf
+    with leading axis n; particle i uses slice i of the batch) to
+    ``(energy (n,), grads)``, each grad leaf of shape ``(n, ...)``.
+
+    Inside ``shard_map`` over the ``"particles"`` axis each device gets n/d
+    particles and evaluates them one ``energy_fn`` call at a time (a Python
+    loop, unrolled into one program): one particle at a time keeps the
+    model's convolutions plain, whereas vmapping per-particle masks through
+    them makes slow grouped convolutions. Params are replicated; the outputs
+    come back as global arrays sharded over ``"particles"``.
+
+    When the mesh's ``"batch"`` axis is longer than 1, each particle's
+    mini-batch (axis 1 of every batch leaf of rank >= 2) is split over it.
+    That axis is left to the compiler (``shard_map`` is manual over
+    ``"particles"`` only), so a loss with train-mode batch norm still
+    normalises with the whole mini-batch's statistics (the compiler inserts
+    the all-reduces): averaging per-shard gradients with ``lax.pmean`` would
+    instead give per-shard batch statistics, a different function.
+
+    The returned function is not jitted (like ``all_particles``); call it
+    inside ``jax.jit``. Its program is unrolled n/d times, so compile time
+    grows with the particles per device.
+
+    Args:
+      energy_fn: the one-particle energy, from :func:`sfpk_jax.sfpk.energy.make_energy_fn`.
+      mesh: a mesh from :func:`sfpk_jax.parallel.sharding.particle_mesh` (axes ``"particles"`` and
+        optionally ``"batch"``, both of type Auto).
+
+    Returns:
+      ``(params, particles, batch) -> (energy, grads)``.
+
+    Raises:
+      ValueError: (when called) if n is not a multiple of the
+        ``"particles"`` axis length, or a batch leaf's per-particle batch is
+        not a multiple of the ``"batch"`` axis length.
+    """
+    sharding.check_mesh(mesh)
+    n_dev = sharding.axis_size(mesh, sharding.PARTICLES)
+    n_batch = sharding.axis_size(mesh, sharding.BATCH)
+
+    def local(params, particles, batch):
+        per_device = particles[0].shape[0]
+        outputs = [
+            energy_fn(params, [m[i] for m in particles], jax.tree.map(lambda x: x[i], batch))
+            for i in range(per_device)
+        ]
+        return stack_outputs(outputs)
+
+    mapped = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(P(), P(sharding.PARTICLES), P(sharding.PARTICLES)),
+        out_specs=P(sharding.PARTICLES),
+        # Manual over the particles only: the batch axis stays with the
+        # compiler, which keeps cross-example reductions (batch norm) exact.
+        axis_names=frozenset({sharding.PARTICLES}),
+        # The polarizers' quantile search is a fori_loop whose carry starts as
+        # a constant and becomes particle-varying, which the varying-axes type
+        # check rejects; the outputs are per-particle anyway, nothing is
+        # differentiated through the shard_map, so the check adds nothing here.
+        check_vma=False,
+    )
+    batch_sharding = NamedSharding(mesh, P(sharding.PARTICLES, sharding.BATCH))
+
+    def energies(params, particles, batch):
+        particles = list(particles)
+        if not particles:
+            raise ValueError("sharded_energies got no particle leaves")
+        n = particles[0].shape[0]
+        for name, leaf in sharding.named_leaves(particles, "particles"):
+            if leaf.ndim == 0 or leaf.shape[0] != n:
+                raise ValueError(
+                    f"particle leaf {name} has shape {leaf.shape}; every particle leaf "
+                    f"needs the same leading axis n={n}"
+                )
+        if n % n_dev:
+            raise ValueError(
+                f"{n} particles do not split evenly over the {n_dev} devices of the mesh's "
+                f"{sharding.PARTICLES!r} axis: use a number of particles that is a multiple of "
+                f"{n_dev}, or build the mesh over fewer devices "
+                "(particle_mesh(devices=jax.devices()[:k]) with k dividing n)"
+            )
+        for name, leaf in sharding.named_leaves(batch, "batch"):
+            if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
+                raise ValueError(
+                    f"batch leaf {name} has shape {np.shape(leaf)}, but its leading axis "
+                    f"must be the particle count n={n}"
+                )
+            if n_batch > 1 and np.ndim(leaf) >= 2 and np.shape(leaf)[1] % n_batch:
+                raise ValueError(
+                    f"batch leaf {name} has {np.shape(leaf)[1]} examples per particle, which "
+                    f"do not split evenly over the mesh's {sharding.BATCH!r} axis of {n_batch} "
+                    f"devices; use a per-particle batch size that is a multiple of {n_batch}"
+                )
+        if n_batch > 1:
+            # Tells the compiler to split each particle's examples over "batch".
+            batch = jax.tree.map(
+                lambda x: jax.lax.with_sharding_constraint(x, batch_sharding) if x.ndim >= 2 else x,
+                batch,
+            )
+        return mapped(params, particles, batch)
+
+    return energies
+
+
+class Stepper(NamedTuple):
+    """The jitted pieces of one step; every one takes params explicitly.
+
+    Attributes:
+      step: ``(params, state, batch) -> (state, trace)``, the whole step.
+      energies: ``(params, particles, batch) -> (E, grad E)`` for all particles.
+    """
+
+    step: Callable[[Any, SFPKState, Any], tuple[SFPKState, StepTrace]]
+    energies: Callable[[Any, list, Any], tuple[jax.Array, list]]
+
+
+def make_stepper(
+    loss_fn: Callable,
+    layout: MaskLayout,
+    config: SFPKConfig,
+    target: float,
+    mesh: jax.sharding.Mesh | None = None,
+) -> Stepper:
+    """Builds the jitted SFPK step for ``config.particle_mode``.
+
+    ``vmap``, ``map`` and ``shard`` compile the whole step (energies, update,
+    vote) into one program. ``loop`` dispatches one jitted energy call per
+    particle (asynchronously: nothing waits on the host) followed by the
+    jitted update. The state's buffers are donated to the update.
+
+    Args:
+      loss_fn: pure ``loss_fn(params, batch) -> scalar``.
+      layout: where the prunable leaves are.
+      config: the hyper-parameters.
+      target: the target mask density.
+      mesh: the devices of ``shard`` mode (see :func:`sfpk_jax.parallel.sharding.default_mesh`).
+    """
+    energy_fn = energy_lib.make_energy_fn(loss_fn, layout, config)
+
+    def update(params, state, energy, grads):
+        return sfpk_update(
+            state, energy, grads, layout.gather(params), config=config, target=target
+        )
+
+    if config.particle_mode == "loop":
+
+        @jax.jit
+        def one_particle(params, particles, batch, i):
+            take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
+            return energy_fn(params, [take(m) for m in particles], jax.tree.map(take, batch))
+
+        def outputs(params, particles, batch):
+            n = particles[0].shape[0]
+            # One host-to-device copy of the step's batch, not one per particle.
+            batch = jax.device_put(batch)
+            return tuple(one_particle(params, particles, batch, jnp.int32(i)) for i in range(n))
+
+        combine = jax.jit(
+            lambda params, state, outs: update(params, state, *stack_outputs(outs)),
+            donate_argnums=1,
+        )
+        stack = jax.jit(stack_outputs)
+        return Stepper(
+            step=lambda params, state, batch: combine(
+                params, state, outputs(params, state.particles, batch)
+            ),
+            energies=lambda params, particles, batch: stack(outputs(params, particles, batch)),
+        )
+
+    if config.particle_mode != "shard":
+        batched = all_particles(energy_fn, config.particle_mode, config.particle_chunk)
+
+        @functools.partial(jax.jit, donate_argnums=1)
+        def fused(params, state, batch):
+            return update(params, state, *batched(params, state.particles, batch))
+
+        return Stepper(step=fused, energies=jax.jit(batched))
+
+    mesh = mesh or sharding.default_mesh(config.particles)
+    batched = sharded_energies(energy_fn, mesh)
+    # The state keeps one placement (particles split, the rest replicated, the
+    # trace replicated for the host), so the step compiles once, not again
+    # when the first step's outputs come back sharded.
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(sharding.PARTICLES))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    placement = SFPKState([split] * len(layout.paths), [whole] * len(layout.paths), whole, whole)
+
+    @functools.partial(jax.jit, donate_argnums=1, out_shardings=(placement, whole))
+    def sharded(params, state, batch):
+        return update(params, state, *batched(params, state.particles, batch))
+
+    place = functools.partial(sharding.shard_particle_batch, mesh=mesh)
+    energies = jax.jit(batched)
+    return Stepper(
+        step=lambda params, state, batch: sharded(
+            params, jax.device_put(state, placement), place(batch)),
+        energies=lambda params, particles, batch: energies(params, particles, place(batch)),
+    )

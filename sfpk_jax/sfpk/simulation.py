@@ -1,0 +1,260 @@
+"""The host loop of SFPK: ``sfpk_prune`` runs the compiled steps and makes the final mask.
+
+It validates the inputs, feeds one particle batch per step to the stepper of
+:mod:`sfpk_jax.sfpk.modes`, records the trace, checkpoints, stops on the
+first non-finite value, and keeps the top (1 - sparsity) fraction of the
+voted scores as the final mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from sfpk_jax.core import channels, topk
+from sfpk_jax.core.masks import MaskLayout, Prunable, path_to_str
+from sfpk_jax.parallel import sharding
+from sfpk_jax.sfpk.checkpointing import (
+    CheckpointPolicy,
+    SimulationCheckpoints,
+    fingerprint,
+)
+from sfpk_jax.sfpk.config import SFPKConfig, spode
+from sfpk_jax.sfpk.modes import Stepper, make_stepper
+from sfpk_jax.sfpk.state import (
+    FAULTS,
+    TRACE_FIELDS,
+    SFPKResult,
+    SFPKState,
+    Trace,
+    initial_state,
+)
+
+
+def _check_finite(layout: MaskLayout, theta: list) -> None:
+    for path, t in zip(layout.paths, theta):
+        if not bool(jnp.all(jnp.isfinite(t))):
+            raise ValueError(
+                f"parameter {path} holds NaN or Inf values; SFPK needs finite trained "
+                "weights: check the checkpoint or the training run that produced it"
+            )
+
+
+def _check_batch(batch: Any, n: int, step: int) -> None:
+    leaves = jax.tree_util.tree_leaves(batch)
+    if not leaves:
+        raise ValueError(f"step {step}: the batch is empty; yield one batch pytree per step")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(batch)[0]:
+        if np.ndim(leaf) == 0 or np.shape(leaf)[0] != n:
+            raise ValueError(
+                f"step {step}: batch leaf {path_to_str(path) or '<root>'} has shape "
+                f"{np.shape(leaf)}, but its leading axis must be the particle count n={n} "
+                "(particle i uses slice i)"
+            )
+
+
+def _batch_stream(batches, start: int) -> Iterator[Any]:
+    """The batches from step ``start`` on (see :func:`sfpk_prune`'s ``batches``)."""
+    if callable(batches):
+        return iter(batches(start))
+    stream = iter(batches)
+    for _ in range(start):
+        next(stream, None)
+    return stream
+
+
+def _fault_message(step: int, faults: np.ndarray, checkpoints: SimulationCheckpoints | None) -> str:
+    bad = np.flatnonzero(faults)
+    which = "; ".join(
+        f"particle {i}: {', '.join(name for bit, name in enumerate(FAULTS) if faults[i] >> bit & 1)}"
+        for i in bad
+    )
+    saved = (
+        f"the state before step {step} is checkpointed in {checkpoints.directory} (resume from it "
+        "after the fix)" if checkpoints else "pass checkpoint= to keep the last good state"
+    )
+    return (
+        f"SFPK step {step}: non-finite values ({which}). Usual fixes: a smaller radius (closer "
+        "to 1), more steps (smaller moves per step), a lower learning rate or fewer epochs in "
+        f"the dense training if its weights are extreme; {saved}"
+    )
+
+
+def sfpk_prune(
+    loss_fn: Callable[[Any, Any], jax.Array],
+    params: Any,
+    batches: Iterable[Any] | Callable[[int], Iterable[Any]],
+    sparsity: float,
+    config: SFPKConfig = SFPKConfig(),
+    prunable: Prunable = None,
+    key: jax.Array | None = None,
+    init: SFPKResult | None = None,
+    checkpoint: CheckpointPolicy | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> SFPKResult:
+    """Prunes ``params`` with SFPK.
+
+    Args:
+      loss_fn: pure ``loss_fn(params, batch) -> scalar`` (close over batch-norm
+        state in training mode).
+      params: the trained parameter pytree theta.
+      batches: yields one batch pytree per step whose leaves have a leading
+        axis of size ``config.particles``: particle i uses slice i. Either an
+        iterable, or a function ``start -> iterable`` of the batches from step
+        ``start`` on, which lets a resumed run skip the steps already done
+        without reading them (e.g. ``lambda start: particle_loader(...,
+        start=start)``); a plain iterable is advanced past them.
+      sparsity: fraction of prunable entries to remove (0.95 keeps 5%).
+      config: the hyper-parameters.
+      prunable: which leaves to prune: None (conv/dense kernels and dense
+        biases), a regex over '/'-joined paths, or a callable (path, leaf).
+      key: optional PRNG key that breaks exact ties in the final top-k (without
+        it ties go by position); the simulation itself is deterministic.
+      init: an earlier result to continue from (gradual pruning): its
+        particles and scores are the starting point, and the start density is
+        the particles' mean G.
+      checkpoint: where and how often to checkpoint the simulation, and
+        whether to resume from the latest checkpoint there (see
+        :class:`sfpk_jax.sfpk.checkpointing.CheckpointPolicy`). A resumed run ends with
+        exactly the masks and scores of an uninterrupted one.
+      mesh: the devices over which ``particle_mode="shard"`` splits the
+        particles (a :func:`sfpk_jax.parallel.sharding.particle_mesh`); by default as
+        many devices as evenly share them
+        (:func:`sfpk_jax.parallel.sharding.default_mesh`). With several
+        processes (``jax.distributed``) every process calls ``sfpk_prune``
+        with the same arguments and batches; see :mod:`sfpk_jax.parallel.sharding`.
+
+    Returns:
+      An :class:`SFPKResult`.
+
+    Raises:
+      ValueError: bad sparsity, batches or parameters (the message says which).
+      ResumeError: the checkpoint folder holds another run, or a damaged one.
+      FloatingPointError: a particle's energy, gradient or direction became
+        NaN or Inf; the message names the step and particles, and the last
+        good state is checkpointed first when ``checkpoint`` is given.
+    """
+    sparsity = topk.check_sparsity(sparsity)
+    if not isinstance(config, SFPKConfig):
+        raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
+    if mesh is not None and config.particle_mode != "shard":
+        raise ValueError(f"mesh= is used by particle_mode='shard', not {config.particle_mode!r}")
+    if mesh is not None and config.particles % dict(mesh.shape).get(sharding.PARTICLES, 1):
+        raise ValueError(
+            f"{config.particles} particles do not split evenly over the mesh's "
+            f"{dict(mesh.shape)[sharding.PARTICLES]} particle devices: use a multiple of that "
+            "many particles or a mesh over fewer devices"
+        )
+    if jax.process_count() > 1 and config.particle_mode != "shard":
+        raise ValueError(
+            f"with {jax.process_count()} processes (jax.distributed) SFPK splits the particles "
+            f"over every process's devices: use particle_mode='shard', not {config.particle_mode!r}"
+        )
+    if config.particle_mode == "shard":
+        mesh = mesh or sharding.default_mesh(config.particles)
+        idle = set(range(jax.process_count())) - {d.process_index for d in mesh.devices.flat}
+        if idle:
+            raise ValueError(
+                f"the mesh has no device of process(es) {sorted(idle)}; every process runs "
+                "sfpk_prune, so build the mesh over devices of all of them (default_mesh does)"
+            )
+        # Params may live on other devices (e.g. replicated by data-parallel training).
+        params = sharding.replicate(params, mesh)
+    layout = MaskLayout.from_params(params, prunable, config.mask_dim)
+    theta = layout.gather(params)
+    _check_finite(layout, theta)
+    mask_sparsity = channels.mask_sparsity(sparsity, config.mask_dim is not None)
+    target = 1.0 - mask_sparsity
+    state = initial_state(layout, config, init)
+    start = np.asarray(state.start)
+    if np.any(start <= target):
+        raise ValueError(
+            f"the particles' density {start.round(4).tolist()} is already at or below the "
+            f"target density {target:.4f} (sparsity={sparsity}); choose a higher sparsity"
+        )
+    trace = {f: [] for f in TRACE_FIELDS}
+    checkpoints = None
+    if checkpoint is not None:
+        checkpoints = SimulationCheckpoints(
+            checkpoint, fingerprint(config, sparsity, layout.paths, theta, layout.mask_shapes)
+        )
+        restored = checkpoints.restore(state)
+        if restored is not None:
+            state, saved_trace = restored
+            if "density" not in saved_trace:  # written before the field was renamed
+                saved_trace["density"] = saved_trace.pop("sparsity")
+            trace = {f: [np.asarray(row, np.float32) for row in saved_trace[f]] for f in TRACE_FIELDS}
+    try:
+        state = _simulate(make_stepper(loss_fn, layout, config, target, mesh), params, state, batches,
+                          config, target, trace, checkpoints)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
+    if config.particle_mode == "shard":
+        # Through the host, so that the (small) result is not committed to the
+        # mesh and combines with arrays placed anywhere, like the other modes'.
+        state, theta = jax.tree.map(jnp.asarray, sharding.to_host((state, theta)))
+    remove = topk.remove_counts(layout.mask_sizes, mask_sparsity, config.scope)
+    final = [
+        jnp.where(channels.abs_weight(t, s.shape) != 0, s, 0.0)
+        for s, t in zip(state.scores, theta)
+    ]
+    masks = topk.topk_mask(final, remove, config.scope, key)
+    return SFPKResult(
+        masks=layout.scatter(masks),
+        scores=layout.scatter(state.scores),
+        particles=layout.scatter(state.particles),
+        trace=Trace({f: np.stack(v) if v else np.zeros((0, config.particles), np.float32)
+                     for f, v in trace.items()}),
+    )
+
+
+def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKConfig,
+              target: float, trace: dict[str, list], checkpoints) -> SFPKState:
+    """Runs the steps from ``state.step`` on, appending to ``trace``; returns the last state."""
+    first = int(state.step)
+    done = first >= config.steps or (
+        config.early_stop and bool(trace["density"]) and trace["density"][-1].mean() <= target
+    )
+    if done:
+        return state
+    batch_iter = _batch_stream(batches, first)
+    bar = tqdm(range(first, config.steps), initial=first, total=config.steps, desc="SFPK",
+               disable=not config.progress, leave=False)
+    for t in bar:
+        try:
+            batch = next(batch_iter)
+        except StopIteration:
+            raise ValueError(
+                f"batches ran out at step {t} of {config.steps}: yield one batch per step "
+                "(an infinite iterator is easiest)"
+            ) from None
+        _check_batch(batch, config.particles, t)
+        state, step_trace = stepper.step(params, state, batch)
+        # The one host transfer of the step: the trace, for the bar, the stop test and faults.
+        host = jax.device_get(step_trace)
+        if np.any(host.faults):
+            if checkpoints is not None:
+                checkpoints.save(t, state, trace)
+            raise FloatingPointError(_fault_message(t, host.faults, checkpoints))
+        for f in TRACE_FIELDS:
+            trace[f].append(np.asarray(getattr(host, f)))
+        mean_g = float(np.mean(host.density))
+        bar.set_postfix(G=f"{mean_g:.4f}", E=f"{float(np.mean(host.energy)):.4f}")
+        finished = t + 1 == config.steps or (config.early_stop and mean_g <= target)
+        if checkpoints is not None and (finished or (t + 1) % checkpoints.policy.every == 0):
+            checkpoints.save(t + 1, state, trace)
+        if finished:
+            break
+    bar.close()
+    return state
+
+
+def spode_prune(loss_fn, params, batches, sparsity, config: SFPKConfig | None = None, **kwargs):
+    """SpODE (Mo et al., ICML 2023): :func:`sfpk_prune` with n = 1 and lambda = 0."""
+    return sfpk_prune(loss_fn, params, batches, sparsity, spode(config), **kwargs)

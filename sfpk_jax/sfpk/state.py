@@ -1,0 +1,137 @@
+"""What the simulation carries and returns: its state, per-step trace and result."""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from sfpk_jax.core import density as density_lib
+from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax.sfpk.config import SFPKConfig
+
+TRACE_FIELDS = ("density", "energy", "repulsion", "dt")
+
+# Bit i of StepTrace.faults: which of a particle's values was NaN or Inf.
+FAULTS = ("energy", "energy gradient", "direction")
+
+_RENAMED = "the trace field 'sparsity' is now 'density' (it holds G, which is 1 at the start)"
+
+
+class SFPKState(NamedTuple):
+    """Everything the simulation carries from one step to the next.
+
+    Attributes:
+      particles: one array per prunable leaf, leading axis n.
+      scores: the running vote S, one array per prunable leaf.
+      step: index of the next step (int32 scalar).
+      start: the density the run started from (scalar, or (L,) in local scope).
+    """
+
+    particles: list
+    scores: list
+    step: jax.Array
+    start: jax.Array
+
+
+class StepTrace(NamedTuple):
+    """Per-particle record of one step, each of shape (n,).
+
+    ``density`` is G before the update (the mean over layers in local scope),
+    ``energy`` E before the update, ``repulsion`` K, ``dt`` the step size (mean
+    over layers in local scope), ``faults`` the particle's non-finite values as
+    bits (:data:`FAULTS`; 0 when all is finite).
+    """
+
+    density: jax.Array
+    energy: jax.Array
+    repulsion: jax.Array
+    dt: jax.Array
+    faults: jax.Array
+
+    @property
+    def sparsity(self) -> jax.Array:
+        """Deprecated alias of :attr:`density`, kept for one release."""
+        warnings.warn(_RENAMED, DeprecationWarning, stacklevel=2)
+        return self.density
+
+
+class Trace(dict):
+    """The per-step trace of a run: field name -> array of shape (steps run, n).
+
+    A dict whose old key ``"sparsity"`` still reads ``"density"``, with a
+    :class:`DeprecationWarning`, for one release.
+    """
+
+    def __getitem__(self, key):
+        if key == "sparsity" and "sparsity" not in self.keys():
+            warnings.warn(_RENAMED, DeprecationWarning, stacklevel=2)
+            key = "density"
+        return super().__getitem__(key)
+
+
+# A pytree node like dict (sorted keys), so that tree maps over a result keep the trace.
+jax.tree_util.register_pytree_with_keys(
+    Trace,
+    lambda t: (tuple((jax.tree_util.DictKey(k), t[k]) for k in sorted(t)), tuple(sorted(t))),
+    lambda keys, values: Trace(zip(keys, values)),
+)
+
+
+class SFPKResult(NamedTuple):
+    """What :func:`sfpk_jax.sfpk_prune` returns.
+
+    One-shot pruners return :class:`sfpk_jax.PruneResult` (masks only); this
+    type also carries the particle system, which gradual pruning continues
+    (``init=``) and which the trace plots read.
+
+    Attributes:
+      masks: 0/1 float32 masks, a tree mirroring params (None where not pruned).
+      scores: the final vote S, same structure as ``masks``.
+      particles: the continuous particles, same structure, leading axis n.
+      trace: a :class:`Trace` of numpy arrays of shape (steps run, n) with
+        keys ``density``, ``energy``, ``repulsion``, ``dt``.
+    """
+
+    masks: Any
+    scores: Any
+    particles: Any
+    trace: dict
+
+
+def initial_state(
+    layout: MaskLayout, config: SFPKConfig, init: SFPKResult | None = None
+) -> SFPKState:
+    """The state before the first step: dense particles (m = 1) and zero scores.
+
+    Args:
+      layout: where the prunable leaves are.
+      config: the hyper-parameters (particle count, density functional, scope).
+      init: an earlier result to continue from (gradual pruning): its
+        particles and scores, copied.
+
+    Returns:
+      The state; its ``start`` is the particles' mean G.
+    """
+    n = config.particles
+    # float32, or float64 under jax_enable_x64 (for exact comparisons).
+    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
+    if init is None:
+        particles = [jnp.ones((n,) + s, dtype) for s in layout.mask_shapes]
+        scores = [jnp.zeros(s, dtype) for s in layout.mask_shapes]
+    else:
+        # Copies: the step donates its state, and the caller's result must survive.
+        particles = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.particles)]
+        scores = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.scores)]
+        for path, shape, p in zip(layout.paths, layout.mask_shapes, particles):
+            if p.shape != (n,) + shape:
+                raise ValueError(
+                    f"init particles for {path} have shape {p.shape}, expected {(n,) + shape}: "
+                    "resume with the same params tree and number of particles"
+                )
+    g = jax.vmap(
+        lambda *m: density_lib.density(list(m), config.sparsity_fn, config.scope, layout.node_sizes)
+    )(*particles)
+    return SFPKState(particles, scores, jnp.int32(0), jnp.mean(g, axis=0))

@@ -1,0 +1,9 @@
+"""(Re)training with optax under fixed masks: losses, the paper's recipe, the loop, batch norm."""
+
+from sfpk_jax.train.batchnorm import recompute_batch_stats
+from sfpk_jax.train.loop import evaluate, evaluate_batches, train, train_epoch
+from sfpk_jax.train.losses import cross_entropy, make_loss_fn
+from sfpk_jax.train.recipes import lr_schedule, sgd_cosine
+
+__all__ = ["cross_entropy", "evaluate", "evaluate_batches", "lr_schedule", "make_loss_fn",
+           "recompute_batch_stats", "sgd_cosine", "train", "train_epoch"]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 import sfpk_jax
 from sfpk_jax.models import build
-from sfpk_jax.storage import files as io
+from sfpk_jax.storage import files
 from sfpk_jax.tools.flops import layer_costs, summary
 
 INPUTS = {"mobilenet_v1": (224, 224, 3), "resnet50": (224, 224, 3)}
@@ -61,14 +61,14 @@ def main(argv=None) -> int:
     if not 0.0 < args.sparsity < 1.0:
         p.error(f"--sparsity={args.sparsity} must lie in (0, 1)")
     try:
-        out = io.prepare_out_dir(args.out, overwrite=args.overwrite, marker="report.json")
-    except (io.OutputExistsError, PermissionError) as err:
+        out = files.prepare_out_dir(args.out, overwrite=args.overwrite, marker="report.json")
+    except (files.OutputExistsError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     reports = [model_report(m, args.sparsity, args.mask_dim) for m in args.models.split(",")]
     table = markdown(reports)
-    io.write_text(out / "report.md", table)
-    io.write_json(out / "report.json", reports)
+    files.write_text(out / "report.md", table)
+    files.write_json(out / "report.json", reports)
     print(table)
     return 0
 

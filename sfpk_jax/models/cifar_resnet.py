@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM, CIFAR_INPUT, KAIMING_NORMAL
+from sfpk_jax.models.common import CIFAR_INPUT, KAIMING_NORMAL, batch_norm
 from sfpk_jax.models.registry import register
 
 
@@ -35,9 +35,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
-        )
+        norm = batch_norm(train)
         conv = functools.partial(nn.Conv, self.features, use_bias=False, kernel_init=KAIMING_NORMAL)
         stride = 2 if self.downsample else 1
         # Explicit torch-style padding: "SAME" pads a strided conv asymmetrically.
@@ -73,9 +71,7 @@ class CifarResNet(nn.Module):
         x = nn.Conv(
             self.width, (3, 3), padding=1, use_bias=False, kernel_init=KAIMING_NORMAL, name="conv"
         )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
-        )(x)
+        x = batch_norm(train)(name="bn")(x)
         x = nn.relu(x)
         index = 0
         for stage, features in enumerate((self.width, 2 * self.width, 4 * self.width)):

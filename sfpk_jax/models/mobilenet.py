@@ -9,13 +9,11 @@ which is what is built here.
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM
+from sfpk_jax.models.common import batch_norm
 from sfpk_jax.models.registry import register
 
 # (output channels, stride) of the depthwise-separable blocks.
@@ -42,9 +40,7 @@ class DepthwiseSeparable(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
-        )
+        norm = batch_norm(train)
         channels = x.shape[-1]
         x = nn.Conv(
             channels,
@@ -75,9 +71,7 @@ class MobileNetV1(nn.Module):
         x = nn.Conv(
             32, (3, 3), strides=2, padding=1, use_bias=False, kernel_init=TORCH_CONV_INIT, name="stem"
         )(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="stem_bn"
-        )(x)
+        x = batch_norm(train)(name="stem_bn")(x)
         x = nn.relu(x)
         for index, (features, stride) in enumerate(BLOCKS):
             x = DepthwiseSeparable(features, stride, name=f"blocks_{index}")(x, train)

@@ -18,7 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM
+from sfpk_jax.models.common import batch_norm
 from sfpk_jax.models.registry import register
 
 STAGES = ((64, 3), (128, 4), (256, 6), (512, 3))  # (bottleneck width, blocks)
@@ -46,9 +46,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
-        )
+        norm = batch_norm(train)
         conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT)
         out = nn.relu(norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
         # Explicit torch-style padding: "SAME" pads a strided conv asymmetrically.
@@ -75,9 +73,7 @@ class ResNet50(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = nn.Conv(64, (7, 7), strides=2, padding=3, use_bias=False, kernel_init=CONV_INIT, name="conv1")(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn1"
-        )(x)
+        x = batch_norm(train)(name="bn1")(x)
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
         for stage, (width, blocks) in enumerate(STAGES):

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM
+from sfpk_jax.models.common import batch_norm
 from sfpk_jax.models.registry import register
 
 
@@ -23,9 +21,7 @@ class SmallCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON
-        )
+        norm = batch_norm(train)
         # The convs feed batch norm, whose shift makes a conv bias redundant.
         x = nn.relu(norm()(nn.Conv(16, (3, 3), padding="SAME", use_bias=False)(x)))
         x = nn.relu(norm()(nn.Conv(32, (3, 3), padding="SAME", use_bias=False)(x)))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from sfpk_jax.models.common import BN_EPSILON, BN_MOMENTUM, CIFAR_INPUT, KAIMING_NORMAL
+from sfpk_jax.models.common import CIFAR_INPUT, KAIMING_NORMAL, batch_norm
 from sfpk_jax.models.registry import register
 
 POOL = "M"
@@ -35,9 +35,7 @@ class ConvBN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = nn.Conv(self.features, (3, 3), padding=1, kernel_init=KAIMING_NORMAL, name="conv")(x)
-        x = nn.BatchNorm(
-            use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON, name="bn"
-        )(x)
+        x = batch_norm(train)(name="bn")(x)
         return nn.relu(x)
 
 

@@ -1,0 +1,1 @@
+"""Device placement: meshes, sharded batches and replicated state."""

@@ -1,0 +1,1 @@
+"""Files and checkpoints: atomic writes, run locks, orbax checkpoints."""

@@ -1,0 +1,1 @@
+"""What comes after pruning: FLOP counts, physical shrinking, plots."""

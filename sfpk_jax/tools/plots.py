@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import io as _io
+import io
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -12,15 +12,15 @@ matplotlib.use("Agg")  # files only; experiments run headless
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from sfpk_jax.storage import files as io  # noqa: E402
+from sfpk_jax.storage import files  # noqa: E402
 
 
 def _save(fig, path: str) -> None:
     fig.tight_layout()
-    buffer = _io.BytesIO()
+    buffer = io.BytesIO()
     fig.savefig(buffer, dpi=120, format=Path(path).suffix.lstrip(".") or "png")
     plt.close(fig)
-    io.write_bytes(path, buffer.getvalue())
+    files.write_bytes(path, buffer.getvalue())
 
 
 def accuracy_vs_sparsity(records: Sequence[Mapping], path: str, dense_acc: float | None = None) -> None:

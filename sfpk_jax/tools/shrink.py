@@ -1,38 +1,10 @@
 """Physical channel shrinking: drop pruned channels so inference really gets cheaper.
 
-Channel masks (``mask_dim="out"`` or ``"in"``) only zero weights; the masked
-model still computes every channel. :func:`shrink` rebuilds the model with the
-dead channels removed, for the architectures whose channels can be dropped
-layer by layer: the CIFAR VGG-BN (:class:`sfpk_jax.models.vgg.VGG`, e.g.
-``vgg16_bn``) and the test MLP (:class:`sfpk_jax.models.small_cnn.MLP`).
-Residual networks are not supported: a skip connection ties the channels of
-several layers together.
-
-A hidden channel is dead when
-
-* its output mask is 0 (its kernel column is masked out): the channel then
-  emits a constant in eval mode, ``relu(BN(conv bias))`` for VGG and
-  ``relu(bias)`` for the MLP, which is not 0 in general; or
-* the next layer's input mask is 0 for it: nothing reads it.
-
-Dropping a channel removes its kernel column, bias and batch-norm entries and
-the next layer's matching input rows. A dead channel's constant is carried
-forward exactly:
-
-* into the next layer's bias when that layer is dense: every input position
-  sees the same constant (VGG's final average pool keeps it constant);
-* through one *constant channel* when the next layer is a padded 3x3 conv.
-  Folding into the conv bias would be wrong at the borders, where the zero
-  padding hides part of the window. Instead the shrunk layer gets one extra
-  channel whose batch norm has scale 0 and bias 1, so it emits exactly 1
-  everywhere (and 0 in the padding, like the dropped channels), and the next
-  conv reads it through the kernel ``sum_c k_c W[:, :, c, :]``. The result
-  is exact up to float rounding, at the cost of one channel.
-
-The shrunk model matches the masked full model in eval mode (running batch
-statistics). In train mode a dropped constant channel would be normalised
-with batch statistics instead, so fine-tuning the shrunk model is not the same
-as fine-tuning the masked one; shrink for inference, after training.
+:func:`shrink` rebuilds a VGG-BN or MLP model without the channels that
+channel masks killed, carrying their constant outputs forward exactly (eval
+mode). Residual networks are not supported: a skip connection ties the
+channels of several layers together. How dead channels are found and why the
+result is exact: ``docs/shrinking.md``.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ import time
 
 import numpy as np
 
-from sfpk_jax.harness import runs
+from sfpk_jax import harness
 from sfpk_jax.pruners import PRUNERS
-from sfpk_jax.storage import files as io
-from sfpk_jax.tools import plots as plotting
+from sfpk_jax.storage import files
+from sfpk_jax.tools import plots
 from sfpk_jax.train import evaluate_batches
 
 
@@ -30,28 +30,42 @@ def parse_args(argv=None):
         prog="python -m benchmarks.compare_pruners", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    runs.add_common_flags(parser, dataset="digits", model="small_cnn", prune_batch_size=128,
-                          pretrain_epochs=40, epochs=5)
-    runs.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=0)
+    harness.add_common_flags(parser, dataset="digits", model="small_cnn", prune_batch_size=128,
+                             pretrain_epochs=40, epochs=5)
+    harness.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=0)
     g = parser.add_argument_group("comparison")
     g.add_argument("--pruners", default=",".join(PRUNERS), help="comma-separated pruner names")
     g.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
     g.add_argument("--seeds", default="0,1,2")
     g.add_argument("--pretrain-lr", type=float, default=0.05, help="dense training learning rate")
-    # finish_args validates the lists (names known, values in range, each once).
-    args = runs.finish_args(parser, argv)
-    args.pruners = args.pruners.split(",")
-    args.sparsities = [float(s) for s in args.sparsities.split(",")]
-    args.seeds = [int(s) for s in args.seeds.split(",")]
+    args = harness.finish_args(parser, argv, [harness.recipe_checks, _checks])
+    args.pruners = harness.csv_items(args.pruners, str)
+    args.sparsities = harness.csv_items(args.sparsities, float)
+    args.seeds = harness.csv_items(args.seeds, int)
     return args
 
 
+def _checks(args) -> list[harness.Check]:
+    """The comparison's lists (names known, values in range, each once), and its dense models."""
+    return [
+        harness.list_check("--pruners", args.pruners, str, f"names from {', '.join(PRUNERS)}",
+                           lambda name: name in PRUNERS),
+        harness.sparsities_check(args.sparsities),
+        harness.list_check("--seeds", args.seeds, int, "integers >= 0", lambda seed: seed >= 0),
+        harness.Check("--pretrain-lr", args.pretrain_lr,
+                      harness.finite(args.pretrain_lr) and args.pretrain_lr > 0,
+                      "a finite number > 0"),
+        harness.Check("--pretrain-epochs", args.pretrain_epochs, args.pretrain_epochs >= 1,
+                      "an integer >= 1 (the dense models are trained here)"),
+    ]
+
+
 def dense_model(args, bundle, metrics):
-    apply_fn, variables = runs.build_model(args, bundle)
+    apply_fn, variables = harness.build_model(args, bundle)
     recipe = argparse.Namespace(**{**vars(args), "lr": args.pretrain_lr, "momentum": 0.9,
                                    "weight_decay": 5e-4})
-    variables, _ = runs.fit(apply_fn, variables, recipe, bundle, epochs=args.pretrain_epochs,
-                            metrics=metrics, phase=f"dense seed {args.seed}", seed_offset=1000)
+    variables, _ = harness.fit(apply_fn, variables, recipe, bundle, epochs=args.pretrain_epochs,
+                               metrics=metrics, phase=f"dense seed {args.seed}", seed_offset=1000)
     return apply_fn, variables
 
 
@@ -84,37 +98,38 @@ def markdown(rows, dense_accs, synflow_iterations: int = 1) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle = runs.open_data(args)
-    out = runs.start(args)
-    metrics = runs.Metrics(out / "metrics.csv")
+    bundle = harness.open_data(args)
+    out = harness.start(args)
+    metrics = harness.Metrics(out / "metrics.csv")
     records, dense_accs = [], []
     start = time.perf_counter()
     for seed in args.seeds:
         args.seed = seed
         apply_fn, dense = dense_model(args, bundle, metrics)
-        _, test = runs.loaders(args, bundle, seed)
+        _, test = harness.loaders(args, bundle, seed)
         dense_accs.append(evaluate_batches(apply_fn, dense, test.epoch(0)))
         for sparsity in args.sparsities:
             for pruner in args.pruners:
                 args.pruner = pruner
-                pruned = runs.prune_model(args, bundle, apply_fn, dense, sparsity)
-                masked = runs.recompute_bn(args, bundle, apply_fn, dense, pruned.masks)
+                pruned = harness.prune_model(args, bundle, apply_fn, dense, sparsity)
+                masked = harness.recompute_bn(args, bundle, apply_fn, dense, pruned.masks)
                 acc_pruned = evaluate_batches(apply_fn, masked, test.epoch(0))
-                _, accs = runs.fit(apply_fn, masked, args, bundle, epochs=args.epochs,
-                                   masks=pruned.masks, metrics=metrics,
-                                   phase=f"{pruner} {sparsity:g} seed {seed}")
+                _, accs = harness.fit(apply_fn, masked, args, bundle, epochs=args.epochs,
+                                      masks=pruned.masks, metrics=metrics,
+                                      phase=f"{pruner} {sparsity:g} seed {seed}")
                 records.append({"pruner": pruner, "sparsity": sparsity, "seed": seed,
                                 "acc_pruned": acc_pruned, "acc_retrained": accs[-1],
-                                "prune_seconds": pruned.seconds, **runs.mask_results(pruned.masks, dense["params"])})
+                                "prune_seconds": pruned.seconds,
+                                **harness.mask_results(pruned.masks, dense["params"])})
                 print(f"seed {seed} {pruner:<9} {sparsity:5.2%}: pruned {acc_pruned:.4f}, "
                       f"retrained {accs[-1]:.4f}", flush=True)
     rows = aggregate(records)
     table = markdown(rows, dense_accs, args.synflow_iterations)
-    plotting.accuracy_vs_sparsity(rows, str(out / "accuracy_vs_sparsity.png"), float(np.mean(dense_accs)))
-    io.write_text(out / "table.md", table)
-    io.write_json(out / "summary.json", {"dense_acc": dense_accs, "rows": rows,
+    plots.accuracy_vs_sparsity(rows, str(out / "accuracy_vs_sparsity.png"), float(np.mean(dense_accs)))
+    files.write_text(out / "table.md", table)
+    files.write_json(out / "summary.json", {"dense_acc": dense_accs, "rows": rows,
                                          "seconds": time.perf_counter() - start})
-    io.write_json(out / "results.json", records)
+    files.write_json(out / "results.json", records)
     print(table)
     return 0
 

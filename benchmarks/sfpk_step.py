@@ -36,9 +36,8 @@ import jax.numpy as jnp
 import sfpk_jax
 from benchmarks.common import PeakRSS, build_problem, device_peak_mb
 from sfpk_jax import initial_state, make_stepper
-from sfpk_jax.parallel import sharding
 from sfpk_jax.parallel.sharding import default_mesh
-from sfpk_jax.sfpk import energy as energy_lib
+from sfpk_jax.sfpk import modes
 
 
 def make_bare(loss_fn, particles: int, mode: str, chunk: int):
@@ -57,9 +56,9 @@ def make_bare(loss_fn, particles: int, mode: str, chunk: int):
         return loss, jax.tree.leaves(grads)
 
     if mode == "shard":
-        batched = jax.jit(sharding.sharded_energies(plain, default_mesh(particles)))
+        batched = jax.jit(modes.sharded_energies(plain, default_mesh(particles)))
     else:
-        batched = jax.jit(energy_lib.all_particles(plain, mode, chunk))
+        batched = jax.jit(modes.all_particles(plain, mode, chunk))
     dummy = [jnp.zeros((particles,))]
     return lambda params, batch: batched(params, dummy, batch)
 

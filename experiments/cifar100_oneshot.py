@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from sfpk_jax.harness import runs
+from sfpk_jax import density_report, harness
 from sfpk_jax.train import evaluate_batches
 
 
@@ -25,45 +25,46 @@ def parse_args(argv=None):
         prog="python -m experiments.cifar100_oneshot", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    runs.add_common_flags(parser)
-    runs.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=5)
-    return runs.finish_args(parser, argv, needs_dense=True)
+    harness.add_common_flags(parser)
+    harness.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=5)
+    return harness.finish_args(parser, argv, [harness.recipe_checks], needs_dense=True)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle, out, metrics, apply_fn, variables = runs.setup(args)
-    dense = runs.dense_model(args, bundle, apply_fn, variables, out, metrics)
-    _, test = runs.loaders(args, bundle, args.seed)
-    dense_acc = runs.remember(args, "dense_acc",
-                              lambda: evaluate_batches(apply_fn, dense, test.epoch(0)), dense)
+    bundle, out, metrics, apply_fn, variables = harness.setup(args)
+    dense = harness.dense_model(args, bundle, apply_fn, variables, out, metrics)
+    _, test = harness.loaders(args, bundle, args.seed)
+    dense_acc = harness.remember(args, "dense_acc",
+                                 lambda: evaluate_batches(apply_fn, dense, test.epoch(0)), dense)
 
-    pruned = runs.prune_model(args, bundle, apply_fn, dense, args.sparsity)
-    masked = runs.recompute_bn(args, bundle, apply_fn, dense, pruned.masks)
-    acc_pruned = runs.remember(args, "acc_pruned",
-                               lambda: evaluate_batches(apply_fn, masked, test.epoch(0)), masked)
-    runs.save_checkpoint(args, out / "checkpoints" / "pruned",
-                         {"variables": masked, "masks": pruned.masks})
+    pruned = harness.prune_model(args, bundle, apply_fn, dense, args.sparsity)
+    masked = harness.recompute_bn(args, bundle, apply_fn, dense, pruned.masks)
+    acc_pruned = harness.remember(args, "acc_pruned",
+                                  lambda: evaluate_batches(apply_fn, masked, test.epoch(0)), masked)
+    harness.save_checkpoint(args, out / "checkpoints" / "pruned",
+                            {"variables": masked, "masks": pruned.masks})
 
     t0 = time.perf_counter()
-    final, accs = runs.fit(apply_fn, masked, args, bundle, epochs=args.epochs, masks=pruned.masks,
-                           metrics=metrics, phase="retrain")
+    final, accs = harness.fit(apply_fn, masked, args, bundle, epochs=args.epochs,
+                              masks=pruned.masks, metrics=metrics, phase="retrain")
     retrain_s = time.perf_counter() - t0
-    runs.save_checkpoint(args, out / "checkpoints" / "final",
-                         {"variables": final, "masks": pruned.masks})
+    harness.save_checkpoint(args, out / "checkpoints" / "final",
+                            {"variables": final, "masks": pruned.masks})
     trace = getattr(pruned.result, "trace", None)
     results = {
-        **runs.summarize(accs),
+        **harness.summarize(accs),
         "dense_acc": dense_acc,
         "acc_pruned": acc_pruned,
         "pruner": args.pruner,
         "sparsity": args.sparsity,
-        **runs.mask_results(pruned.masks, dense["params"]),
+        **harness.mask_results(pruned.masks, dense["params"]),
         "prune_seconds": pruned.seconds,
         "retrain_seconds": retrain_s,
     }
-    runs.write_outputs(out, results, metrics, pruned.masks,
-                       {f"{100 * args.sparsity:g}% sparsity": trace} if trace else None)
+    print(density_report(pruned.masks, dense["params"]).table())
+    harness.write_outputs(out, results, metrics, pruned.masks,
+                          {f"{100 * args.sparsity:g}% sparsity": trace} if trace else None)
     print(f"{args.pruner} at {args.sparsity:.0%} sparsity: final top-1 {results['final_acc']:.4f} "
           f"(best {results['best_acc']:.4f}, dense {dense_acc:.4f}, right after pruning "
           f"{acc_pruned:.4f}); results in {out}")

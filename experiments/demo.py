@@ -15,18 +15,17 @@ keeps no checkpoints (a killed demo is simply run again); the experiments in
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 
 import jax
 
 import sfpk_jax
+from sfpk_jax import harness
 from sfpk_jax.data import batch_iterator, load_digits, particle_batches
-from sfpk_jax.harness import runs
 from sfpk_jax.models import build
-from sfpk_jax.storage import files as io
-from sfpk_jax.tools import plots as plotting
+from sfpk_jax.storage import files
+from sfpk_jax.tools import plots
 from sfpk_jax.train import (
     evaluate,
     make_loss_fn,
@@ -43,7 +42,7 @@ def parse_args(argv):
         prog="python -m experiments.demo", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    runs.one_line_errors(p)
+    harness.one_line_errors(p)
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
     p.add_argument("--seed", type=int, default=0)
@@ -52,45 +51,30 @@ def parse_args(argv):
     p.add_argument("--retrain-epochs", type=int, default=10)
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=0.05, help="dense training learning rate")
-    p.add_argument("--steps", type=int, default=100, help="SFPK steps K")
-    p.add_argument("--particles", type=int, default=10, help="SFPK particles n")
-    p.add_argument("--prune-batch-size", type=int, default=128, help="mini-batch per particle")
-    p.add_argument("--radius", type=float, default=1.1, help="SFPK localization radius r")
-    p.add_argument("--repulsion", type=float, default=0.2, help="SFPK repulsion weight lambda")
+    s = p.add_argument_group("SFPK (defaults: the paper's)")
+    harness.add_config_flags(s, "steps", "particles")
+    s.add_argument("--prune-batch-size", type=int, default=128, help="mini-batch per particle")
+    harness.add_config_flags(s, "radius", "repulsion")
     p.add_argument("--bn-batches", type=int, default=2, help="batches to re-estimate BN statistics")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     args = p.parse_args(argv)
-    text = args.sparsities
-    try:
-        args.sparsities = [float(s) for s in text.split(",")]
-    except ValueError:
-        args.sparsities = None
-    if (not args.sparsities or len(set(args.sparsities)) != len(args.sparsities)
-            or not all(math.isfinite(s) and 0.0 < s < 1.0 for s in args.sparsities)):
-        runs.fail(f"--sparsities={text!r} is not allowed: expected comma-separated fractions "
-                  "in (0, 1), each once")
-    for name in ("pretrain_epochs", "retrain_epochs", "batch_size", "steps", "particles",
-                 "prune_batch_size", "bn_batches"):
-        if getattr(args, name) < 1:
-            runs.fail(f"--{name.replace('_', '-')}={getattr(args, name)!r} is not allowed: "
-                      "expected an integer >= 1")
     train_size = len(load_digits(seed=args.seed).x_train) if args.seed >= 0 else 0
-    checks = [
-        ("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
-        ("--batch-size", args.batch_size, args.batch_size <= train_size,
-         f"at most the {train_size} training digits"),
-        ("--prune-batch-size", args.prune_batch_size, args.prune_batch_size <= train_size,
-         f"at most the {train_size} training digits"),
-        ("--lr", args.lr, math.isfinite(args.lr) and args.lr > 0, "a finite number > 0"),
-        ("--radius", args.radius, math.isfinite(args.radius) and args.radius >= 1.0, ">= 1"),
-        ("--repulsion", args.repulsion, math.isfinite(args.repulsion) and args.repulsion >= 0,
-         ">= 0"),
-    ]
-    problem = runs.out_problem(args.out)
-    checks.append(("--out", args.out, problem is None, problem or ""))
-    for flag, value, ok, allowed in checks:
-        if not ok:
-            runs.fail(f"{flag}={value!r} is not allowed: expected {allowed}")
+    harness.require([
+        harness.sparsities_check(args.sparsities),
+        *harness.positive_ints(args, "pretrain_epochs", "retrain_epochs", "batch_size",
+                               "prune_batch_size", "bn_batches"),
+        harness.Check("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
+        harness.Check("--batch-size", args.batch_size, args.batch_size <= train_size,
+                      f"at most the {train_size} training digits"),
+        harness.Check("--prune-batch-size", args.prune_batch_size,
+                      args.prune_batch_size <= train_size,
+                      f"at most the {train_size} training digits"),
+        harness.Check("--lr", args.lr, harness.finite(args.lr) and args.lr > 0,
+                      "a finite number > 0"),
+        harness.out_check(args),
+    ])
+    harness.check_config(args)
+    args.sparsities = harness.csv_items(args.sparsities, float)
     return args
 
 
@@ -98,14 +82,10 @@ def prune(pruner, args, loss_fn, params, data, sparsity, index):
     """Masks for one pruner and sparsity, and the SFPK trace (None for magnitude)."""
     if pruner == "magnitude":
         return sfpk_jax.magnitude_prune(params, sparsity), None
-    config = sfpk_jax.SFPKConfig(
-        steps=args.steps, particles=args.particles, radius=args.radius,
-        repulsion=args.repulsion, progress=not args.no_progress,
-    )
     batches = particle_batches(
         data.x_train, data.y_train, args.particles, args.prune_batch_size, seed=(args.seed, index)
     )
-    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity, config)
+    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity, harness.sfpk_config(args))
     return result.masks, result.trace
 
 
@@ -116,14 +96,14 @@ def main(argv=None) -> int:
     except FloatingPointError as err:
         # Training or SFPK diverged. The demo keeps no checkpoints (it takes
         # minutes): nothing is written yet, so just start again.
-        runs.fail(f"{err}; start again with a smaller --lr (now {args.lr:g}) or, for SFPK, a "
-                  "smaller --radius")
+        harness.fail(f"{err}; start again with a smaller --lr (now {args.lr:g}) or, for SFPK, a "
+                     "smaller --radius")
 
 
 def _run(args) -> int:
     try:
-        out = io.prepare_out_dir(args.out, overwrite=args.overwrite)
-    except (io.OutputExistsError, PermissionError) as err:
+        out = files.prepare_out_dir(args.out, overwrite=args.overwrite)
+    except (files.OutputExistsError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     progress = not args.no_progress
@@ -172,10 +152,10 @@ def _run(args) -> int:
                 "prune_seconds": round(prune_s, 3),
             })
 
-    io.write_json(out / "config.json", vars(args))
-    plotting.accuracy_vs_sparsity(records, str(out / "accuracy_vs_sparsity.png"), dense_acc)
-    plotting.sfpk_trace(traces, str(out / "sfpk_trace.png"))
-    io.write_json(out / "results.json", records)
+    files.write_json(out / "config.json", vars(args))
+    plots.accuracy_vs_sparsity(records, str(out / "accuracy_vs_sparsity.png"), dense_acc)
+    plots.sfpk_trace(traces, str(out / "sfpk_trace.png"))
+    files.write_json(out / "results.json", records)
 
     print(f"\n{'pruner':<10} {'sparsity':>8} {'density':>8} {'acc_pruned':>11} {'acc_retrained':>14}")
     for r in records:

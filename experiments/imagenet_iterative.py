@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
-from sfpk_jax.harness import runs
+from sfpk_jax import density_report, harness
 from sfpk_jax.models import load_pretrained
+from sfpk_jax.pruners import spec
 from sfpk_jax.train import evaluate_batches
 
 
@@ -29,37 +31,61 @@ def parse_args(argv=None):
         prog="python -m experiments.imagenet_iterative", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    runs.add_common_flags(parser, dataset="imagenet", model="resnet50", sparsity=0.9, steps=150,
-                          prune_batch_size=256, batch_size=256, epochs=50, radius=5.5)
-    runs.add_recipe_flags(parser, lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=0,
-                          label_smoothing=0.1)
+    harness.add_common_flags(parser, dataset="imagenet", model="resnet50", sparsity=0.9, steps=150,
+                             prune_batch_size=256, batch_size=256, epochs=50, radius=5.5)
+    harness.add_recipe_flags(parser, lr=0.1, momentum=0.9, weight_decay=1e-4, warmup_epochs=0,
+                             label_smoothing=0.1)
     g = parser.add_argument_group("gradual pruning")
     g.add_argument("--rounds", type=int, default=10, help="pruning rounds P")
     g.add_argument("--round-epochs", type=int, default=1, help="fine-tuning epochs between rounds")
     g.add_argument("--accum-steps", type=int, default=1, help="gradient accumulation steps")
     g.add_argument("--pretrained-weights", default=None,
                    help="safetensors file in torchvision/timm naming for the dense model")
-    return runs.finish_args(parser, argv, needs_dense=True)
+    return harness.finish_args(parser, argv, [harness.recipe_checks, _checks],
+                               smoke={"rounds": 2, "round_epochs": 1}, needs_dense=True,
+                               dense_flag="pretrained_weights")
+
+
+def _checks(args) -> list[harness.Check]:
+    """The gradual-pruning flags."""
+    checks = harness.positive_ints(args, "rounds", "round_epochs", "accum_steps")
+    if args.accum_steps >= 1:
+        checks += [
+            harness.Check("--batch-size", args.batch_size, args.batch_size % args.accum_steps == 0,
+                          f"a multiple of --accum-steps={args.accum_steps} (each optimizer step "
+                          "accumulates that many equal micro-batches)"),
+            harness.batch_split_check(args, args.accum_steps),
+        ]
+    weights = args.pretrained_weights
+    if weights is not None:
+        checks += [
+            harness.Check("--pretrained-weights", weights, Path(weights).is_file(),
+                          "an existing file"),
+            harness.Check("--pretrained-weights", weights, args.dense_checkpoint is None,
+                          "not together with --dense-checkpoint (pass one source of the dense "
+                          "model)"),
+        ]
+    return checks
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle = runs.open_data(args)
-    apply_fn, variables = runs.build_model(args, bundle)
+    bundle = harness.open_data(args)
+    apply_fn, variables = harness.build_model(args, bundle)
     if args.pretrained_weights:
         # Read before anything is written: a bad file stops the run right away.
         try:
             variables = load_pretrained(args.model, variables, args.pretrained_weights)
         except (OSError, ValueError) as err:
-            runs.fail(f"--pretrained-weights: {err}")
-    out = runs.start(args)
-    metrics = runs.Metrics(out / "metrics.csv")
+            harness.fail(f"--pretrained-weights: {err}")
+    out = harness.start(args)
+    metrics = harness.Metrics(out / "metrics.csv")
     if not args.pretrained_weights:
-        variables = runs.dense_model(args, bundle, apply_fn, variables, out, metrics)
-    _, test = runs.loaders(args, bundle, args.seed)
-    dense_acc = runs.remember(args, "dense_acc",
-                              lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
-                              variables)
+        variables = harness.dense_model(args, bundle, apply_fn, variables, out, metrics)
+    _, test = harness.loaders(args, bundle, args.seed)
+    dense_acc = harness.remember(args, "dense_acc",
+                                 lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
+                                 variables)
 
     # Every step below is checkpointed or remembered, so a --resume replays the
     # finished rounds from their checkpoints (cheaply) and continues where the
@@ -69,39 +95,41 @@ def main(argv=None) -> int:
     previous, rounds, prune_s, finetune_s = None, [], 0.0, 0.0
     for e in range(args.rounds):
         sparsity = 1.0 - target ** ((e + 1) / args.rounds)
-        pruned = runs.prune_model(args, bundle, apply_fn, variables, sparsity,
-                                  init=previous, seed_offset=e, name=f"round{e + 1}")
+        pruned = harness.prune_model(args, bundle, apply_fn, variables, sparsity,
+                                     init=previous, seed_offset=e, name=f"round{e + 1}")
         prune_s += pruned.seconds
-        if args.pruner in ("sfpk", "spode"):
+        if spec(args.pruner).simulation:
             previous = pruned.result
-        variables = runs.recompute_bn(args, bundle, apply_fn, variables, pruned.masks)
-        acc_pruned = runs.remember(args, f"acc_pruned_round{e + 1}",
-                                   lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
-                                   variables)
+        variables = harness.recompute_bn(args, bundle, apply_fn, variables, pruned.masks)
+        acc_pruned = harness.remember(args, f"acc_pruned_round{e + 1}",
+                                      lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
+                                      variables)
         epochs = args.epochs if e == args.rounds - 1 else args.round_epochs
         t0 = time.perf_counter()
-        variables, accs = runs.fit(apply_fn, variables, args, bundle, epochs=epochs,
-                                   masks=pruned.masks, metrics=metrics, phase=f"round{e + 1}",
-                                   accumulate=args.accum_steps, seed_offset=100 * (e + 1))
+        variables, accs = harness.fit(apply_fn, variables, args, bundle, epochs=epochs,
+                                      masks=pruned.masks, metrics=metrics, phase=f"round{e + 1}",
+                                      accumulate=args.accum_steps, seed_offset=100 * (e + 1))
         finetune_s += time.perf_counter() - t0
         rounds.append({"round": e + 1, "sparsity": sparsity, "acc_pruned": acc_pruned,
                        "acc_finetuned": accs[-1], "prune_seconds": pruned.seconds})
-        runs.save_checkpoint(args, out / "checkpoints" / f"round{e + 1}",
-                             {"variables": variables, "masks": pruned.masks})
-    runs.save_checkpoint(args, out / "checkpoints" / "final",
-                         {"variables": variables, "masks": pruned.masks})
+        harness.save_checkpoint(args, out / "checkpoints" / f"round{e + 1}",
+                                {"variables": variables, "masks": pruned.masks})
+    harness.save_checkpoint(args, out / "checkpoints" / "final",
+                            {"variables": variables, "masks": pruned.masks})
     trace = getattr(pruned.result, "trace", None)
     results = {
-        **runs.summarize(accs),
+        **harness.summarize(accs),
         "dense_acc": dense_acc,
         "pruner": args.pruner,
         "sparsity": args.sparsity,
-        **runs.mask_results(pruned.masks, variables["params"]),
+        **harness.mask_results(pruned.masks, variables["params"]),
         "rounds": rounds,
         "prune_seconds": prune_s,
         "retrain_seconds": finetune_s,
     }
-    runs.write_outputs(out, results, metrics, pruned.masks, {"last round": trace} if trace else None)
+    print(density_report(pruned.masks, variables["params"]).table())
+    harness.write_outputs(out, results, metrics, pruned.masks,
+                          {"last round": trace} if trace else None)
     print(f"{args.pruner}, {args.rounds} rounds to {args.sparsity:.0%} sparsity: final top-1 "
           f"{results['final_acc']:.4f} (best {results['best_acc']:.4f}, dense {dense_acc:.4f}); "
           f"results in {out}")

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from sfpk_jax.harness import runs
+from sfpk_jax import harness
 
 
 def parse_args(argv=None):
@@ -24,22 +24,22 @@ def parse_args(argv=None):
         prog="python -m experiments.pretrain", description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    runs.add_common_flags(parser, epochs=160, batch_size=128)
-    runs.add_recipe_flags(parser, lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=0)
-    return runs.finish_args(parser, argv)
+    harness.add_common_flags(parser, epochs=160, batch_size=128)
+    harness.add_recipe_flags(parser, lr=0.1, momentum=0.9, weight_decay=5e-4, warmup_epochs=0)
+    return harness.finish_args(parser, argv, [harness.recipe_checks])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle, out, metrics, apply_fn, variables = runs.setup(args)
+    bundle, out, metrics, apply_fn, variables = harness.setup(args)
     t0 = time.perf_counter()
-    variables, accs = runs.fit(apply_fn, variables, args, bundle, epochs=args.epochs,
-                               metrics=metrics, phase="pretrain")
+    variables, accs = harness.fit(apply_fn, variables, args, bundle, epochs=args.epochs,
+                                  metrics=metrics, phase="pretrain")
     train_s = time.perf_counter() - t0
-    runs.save_checkpoint(args, out / "checkpoints" / "dense", variables)
-    results = {**runs.summarize(accs), "density": 1.0, "train_seconds": train_s,
+    harness.save_checkpoint(args, out / "checkpoints" / "dense", variables)
+    results = {**harness.summarize(accs), "density": 1.0, "train_seconds": train_s,
                "checkpoint": str(out / "checkpoints" / "dense")}
-    runs.write_outputs(out, results, metrics)
+    harness.write_outputs(out, results, metrics)
     print(f"dense {args.model} on {args.dataset}: final top-1 {results['final_acc']:.4f} "
           f"(best {results['best_acc']:.4f}); checkpoint {results['checkpoint']}")
     return 0

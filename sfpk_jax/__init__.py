@@ -1,7 +1,7 @@
 """sfpk-jax: SFPK pruning (interacting mask particles) for any JAX model.
 
-The public API, by layer (``docs/layout.md`` and the README's "How the code
-is laid out" say where each idea lives):
+The public API, by layer (the README's "How the code is laid out" says where
+each idea lives):
 
 * masks: :class:`MaskLayout`, :func:`apply_masks`, :func:`density`,
   :func:`count_prunable`, :func:`ones_like_masks`, :func:`masks_from_scores`;
@@ -10,7 +10,11 @@ is laid out" say where each idea lives):
   :func:`make_stepper`, :class:`SFPKState`, :class:`StepTrace`), results
   (:class:`SFPKResult`) and checkpoints (:class:`CheckpointPolicy`);
 * pruners by name: :func:`prune`, :func:`register_pruner`,
-  :func:`magnitude_prune`.
+  :func:`magnitude_prune`;
+* your own model and loop: :func:`split_nnx`, :func:`split_equinox` (Linen
+  needs nothing), :func:`keep_masked` (masked training as an optax
+  transformation), :func:`density_report`, :func:`save_masked` and
+  :func:`load_masked` (safetensors).
 """
 
 from sfpk_jax.core.masks import (
@@ -21,6 +25,7 @@ from sfpk_jax.core.masks import (
     ones_like_masks,
 )
 from sfpk_jax.core.topk import masks_from_scores
+from sfpk_jax.interop import split_equinox, split_nnx
 from sfpk_jax.pruners import (
     PRUNERS,
     PruneResult,
@@ -35,6 +40,9 @@ from sfpk_jax.sfpk.modes import make_stepper
 from sfpk_jax.sfpk.simulation import sfpk_prune, spode_prune
 from sfpk_jax.sfpk.state import SFPKResult, SFPKState, StepTrace, initial_state
 from sfpk_jax.sfpk.update import sfpk_update
+from sfpk_jax.tools.export import load_masked, save_masked
+from sfpk_jax.tools.report import density_report
+from sfpk_jax.train.masked import keep_masked
 
 __all__ = [
     "CheckpointPolicy",
@@ -50,17 +58,23 @@ __all__ = [
     "apply_masks",
     "count_prunable",
     "density",
+    "density_report",
     "initial_state",
+    "keep_masked",
+    "load_masked",
     "magnitude_prune",
     "make_stepper",
     "masks_from_scores",
     "ones_like_masks",
     "prune",
     "register_pruner",
+    "save_masked",
     "sfpk_prune",
     "sfpk_update",
     "spode_config",
     "spode_prune",
+    "split_equinox",
+    "split_nnx",
 ]
 
 __version__ = "0.1.0"

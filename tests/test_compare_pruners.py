@@ -8,7 +8,7 @@ import types
 import pytest
 
 from benchmarks import compare_pruners
-from sfpk_jax.harness import runs
+from sfpk_jax.harness import pruning
 
 
 def test_compare_pruners_smoke(tmp_path):
@@ -47,12 +47,12 @@ def test_synflow_iterations_flag(tmp_path, capsys):
 
 def test_synflow_iterations_reach_synflow_only(monkeypatch):
     seen = {}
-    monkeypatch.setattr(runs, "prune", lambda method, *a, **kw: seen.setdefault(method, kw)
+    monkeypatch.setattr(pruning, "prune", lambda method, *a, **kw: seen.setdefault(method, kw)
                         and types.SimpleNamespace(masks={}))
     args = types.SimpleNamespace(pruner="synflow", synflow_iterations=5, scope="global", seed=0,
                                  mask_dim=None)
     bundle = types.SimpleNamespace(image_shape=(8, 8, 1))
-    runs._prune(args, bundle, None, {"params": {}}, 0.9, None, 0, "x")
+    pruning._prune(args, bundle, None, {"params": {}}, 0.9, None, 0, "x")
     assert seen["synflow"]["iterations"] == 5
     rows = [{"pruner": "synflow", "sparsity": 0.9, "acc_pruned": 0.5, "acc_pruned_std": 0.0,
              "acc_retrained": 0.6, "acc_retrained_std": 0.0, "prune_seconds": 1.0}]

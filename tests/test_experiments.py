@@ -13,9 +13,8 @@ import numpy as np
 import pytest
 
 from experiments import cifar100_oneshot, imagenet_iterative, pretrain
-from sfpk_jax.harness import runs
-from sfpk_jax.storage import checkpoints
-from sfpk_jax.storage import files as io
+from sfpk_jax import harness
+from sfpk_jax.storage import checkpoints, files
 
 FAST = ["--smoke", "--no-progress"]
 RESULT_KEYS = {"final_acc", "best_acc", "density", "density_per_layer", "mask_digest",
@@ -286,7 +285,7 @@ def test_model_without_prunable_weights_is_refused(tmp_path, capsys, monkeypatch
 def _config_only_run(tmp_path, argv):
     """An --out holding just the config.json of a run of ``argv`` (as if killed at once)."""
     args = cifar100_oneshot.parse_args(argv)
-    runs.start(args)
+    harness.start(args)
     return Path(args.out)
 
 
@@ -334,7 +333,7 @@ def test_overwrite_removes_the_earlier_run_first(tmp_path):
     (out / "metrics.csv").write_text("phase,epoch\nretrain,1\n")
     (out / "checkpoints" / "train-retrain" / "1").mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
-    runs.start(cifar100_oneshot.parse_args([*argv, "--overwrite", "--sparsity", "0.9"]))
+    harness.start(cifar100_oneshot.parse_args([*argv, "--overwrite", "--sparsity", "0.9"]))
     assert sorted(p.name for p in out.iterdir()) == [".lock", "config.json", "notes.txt"]
     assert json.loads((out / "config.json").read_text())["sparsity"] == 0.9
 
@@ -383,10 +382,10 @@ def test_a_second_process_on_the_same_out_is_refused(tmp_path, capsys):
     """E.g. a job submitted twice: the second must not write into the first's folder."""
     argv = [*DIGITS, *FAST, "--out", str(tmp_path / "o")]
     out = _config_only_run(tmp_path, argv)
-    io.release_locks()  # this process made the run; now another one holds it
+    files.release_locks()  # this process made the run; now another one holds it
     with subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sfpk_jax import io; "
-         "io.lock_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
+        [sys.executable, "-c", "import sys, time; from sfpk_jax.storage import files; "
+         "files.lock_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
     ) as holder:
         try:

@@ -14,32 +14,32 @@ from pathlib import Path
 
 import pytest
 
-from sfpk_jax.storage import files as io
+from sfpk_jax.storage import files
 
 
 def test_prepare_out_dir_refuses_finished_results(tmp_path):
     (tmp_path / "results.json").write_text("{}")
-    with pytest.raises(io.OutputExistsError, match="--overwrite"):
-        io.prepare_out_dir(tmp_path, overwrite=False)
-    assert io.prepare_out_dir(tmp_path, overwrite=True) == tmp_path
+    with pytest.raises(files.OutputExistsError, match="--overwrite"):
+        files.prepare_out_dir(tmp_path, overwrite=False)
+    assert files.prepare_out_dir(tmp_path, overwrite=True) == tmp_path
 
 
 def test_prepare_out_dir_creates_missing_folders(tmp_path):
-    out = io.prepare_out_dir(tmp_path / "a" / "b", overwrite=False)
+    out = files.prepare_out_dir(tmp_path / "a" / "b", overwrite=False)
     assert out.is_dir()
 
 
 def test_prepare_out_dir_rejects_unusable_path(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PermissionError, match="cannot create output directory"):
-        io.prepare_out_dir(tmp_path / "file" / "run", overwrite=False)
+        files.prepare_out_dir(tmp_path / "file" / "run", overwrite=False)
 
 
 def test_write_json_is_atomic_on_failure(tmp_path):
     path = tmp_path / "results.json"
-    io.write_json(path, {"a": 1})
+    files.write_json(path, {"a": 1})
     with pytest.raises(TypeError):
-        io.write_json(path, {"a": object()})
+        files.write_json(path, {"a": object()})
     assert json.loads(path.read_text()) == {"a": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
 
@@ -48,24 +48,24 @@ def test_write_json_is_atomic_on_failure(tmp_path):
 # renaming it) announces itself and then hangs, so the kill lands mid-write.
 _STALLED_WRITER = """
 import os, sys, time
-from sfpk_jax.storage import files as io
+from sfpk_jax.storage import files
 path, ready = sys.argv[1], sys.argv[2]
 def stall(fd):
     open(ready, "w").close()
     time.sleep(600)
 os.fsync = stall
-io.write_json(path, {"version": "new", "payload": "y" * 5_000_000})
+files.write_json(path, {"version": "new", "payload": "y" * 5_000_000})
 """
 
 # A writer rewriting the same file in a loop, killed at a random moment.
 _LOOPING_WRITER = """
 import sys
-from sfpk_jax.storage import files as io
+from sfpk_jax.storage import files
 path = sys.argv[1]
 i = 0
 while True:
     i += 1
-    io.write_json(path, {"version": i, "payload": str(i % 10) * 2_000_000})
+    files.write_json(path, {"version": i, "payload": str(i % 10) * 2_000_000})
 """
 
 
@@ -79,7 +79,7 @@ def _python(code, *argv):
 def test_write_killed_midway_leaves_the_old_file_or_none(tmp_path, old):
     path = tmp_path / "results.json"
     if old:
-        io.write_json(path, {"version": "old"})
+        files.write_json(path, {"version": "old"})
     ready = tmp_path / "ready"
     proc = _python(_STALLED_WRITER, path, ready)
     try:
@@ -100,7 +100,7 @@ def test_write_killed_midway_leaves_the_old_file_or_none(tmp_path, old):
     else:
         assert not path.exists()
         # ... so the folder does not read as holding finished results.
-        assert io.prepare_out_dir(tmp_path, overwrite=False) == tmp_path
+        assert files.prepare_out_dir(tmp_path, overwrite=False) == tmp_path
 
 
 def test_write_killed_at_a_random_moment_leaves_a_complete_file(tmp_path):
@@ -121,7 +121,7 @@ def test_write_killed_at_a_random_moment_leaves_a_complete_file(tmp_path):
 
 
 def test_written_files_get_the_usual_permissions(tmp_path):
-    io.write_text(tmp_path / "a.txt", "x")
+    files.write_text(tmp_path / "a.txt", "x")
     umask = os.umask(0o022)
     os.umask(umask)
     assert stat.S_IMODE((tmp_path / "a.txt").stat().st_mode) == 0o666 & ~umask

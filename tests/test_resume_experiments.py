@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from experiments import imagenet_iterative, pretrain
-from sfpk_jax.harness import runs
+from sfpk_jax.harness import outdir, training
 from sfpk_jax.storage import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -195,7 +195,7 @@ def test_diverged_epoch_resumes_with_a_smaller_lr(tmp_path, capsys, monkeypatch)
     out = tmp_path / "dense"
     argv = ["--dataset", "digits", "--model", "small_cnn", "--smoke", "--no-progress",
             "--out", str(out)]
-    real = runs.train_epoch
+    real = training.train_epoch
 
     def nan_in_epoch_2(*args, epoch, **kwargs):
         if epoch == 2:
@@ -203,7 +203,7 @@ def test_diverged_epoch_resumes_with_a_smaller_lr(tmp_path, capsys, monkeypatch)
                                      "smaller learning rate")
         return real(*args, epoch=epoch, **kwargs)
 
-    monkeypatch.setattr(runs, "train_epoch", nan_in_epoch_2)
+    monkeypatch.setattr(training, "train_epoch", nan_in_epoch_2)
     with pytest.raises(SystemExit) as exc:
         pretrain.main(argv)
     assert exc.value.code == 2
@@ -212,13 +212,13 @@ def test_diverged_epoch_resumes_with_a_smaller_lr(tmp_path, capsys, monkeypatch)
     step1 = out / "checkpoints" / "train-pretrain" / "1"
     assert str(step1) in err and step1.is_dir() and not (out / "results.json").exists()
 
-    monkeypatch.setattr(runs, "train_epoch", real)
+    monkeypatch.setattr(training, "train_epoch", real)
     assert pretrain.main([*argv, "--resume", "--lr", "0.01"]) == 0
     err = capsys.readouterr().err
     assert "--lr=0.01" in err and "warning" in err
     config = json.loads((out / "config.json").read_text())
     assert config["lr"] == 0.01
-    assert config[runs.RESUME_LOG] == [{"flag": "--lr", "old": 0.1, "new": 0.01}]
+    assert config[outdir.RESUME_LOG] == [{"flag": "--lr", "old": 0.1, "new": 0.01}]
     with (out / "metrics.csv").open() as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
 

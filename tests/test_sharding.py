@@ -34,6 +34,7 @@ from sfpk_jax.models import make_apply_fn
 from sfpk_jax.parallel import sharding
 from sfpk_jax.parallel.sharding import default_mesh
 from sfpk_jax.sfpk import energy as energy_lib
+from sfpk_jax.sfpk import modes
 from sfpk_jax.sfpk.config import SFPKConfig
 from sfpk_jax.train import sgd_cosine, train_epoch
 
@@ -128,7 +129,7 @@ def _worker(inputs: str, out: str) -> None:
     for name, label in (("mlp", "8x1"), ("cnn", "8x1"), ("cnn", "4x2")):
         model = models[name]
         energy_fn, particles, batch = _particle_inputs(model)
-        fn = jax.jit(sharding.sharded_energies(energy_fn, meshes[label]))
+        fn = jax.jit(modes.sharded_energies(energy_fn, meshes[label]))
         energy, grads = fn(model.params, particles, batch)
         info[f"spec/{name}/{label}"] = str(grads[0].sharding.spec)
         arrays[f"{name}/{label}/energy"] = np.asarray(energy)
@@ -137,7 +138,7 @@ def _worker(inputs: str, out: str) -> None:
     mlp = models["mlp"]
     energy_fn, particles, batch = _particle_inputs(mlp, n=6)
     info["error/particles"] = _error(
-        lambda: sharding.sharded_energies(energy_fn, meshes["8x1"])(mlp.params, particles, batch)
+        lambda: modes.sharded_energies(energy_fn, meshes["8x1"])(mlp.params, particles, batch)
     )
     info["error/batch"] = _error(lambda: sharding.shard_batch({"image": np.zeros((12, 3))}, meshes["8x1"]))
 
@@ -210,7 +211,7 @@ def _one_device(model, mode: str):
     """Every particle's energy on one device, in ``vmap`` or ``loop`` mode."""
     energy_fn, particles, batch = _particle_inputs(model)
     if mode == "vmap":
-        return jax.jit(energy_lib.all_particles(energy_fn, "vmap", 1))(model.params, particles, batch)
+        return jax.jit(modes.all_particles(energy_fn, "vmap", 1))(model.params, particles, batch)
     one = jax.jit(energy_fn)
     outs = [one(model.params, [m[i] for m in particles], jax.tree.map(lambda x: x[i], batch)) for i in range(N)]
     return np.stack([e for e, _ in outs]), [np.stack(leaf) for leaf in zip(*(g for _, g in outs))]
@@ -272,7 +273,7 @@ def test_one_device_mesh_is_the_loop(mlp):
     energy_fn, particles, batch = _particle_inputs(mlp)
     # The first 2 particles: the program unrolls one energy per particle.
     first = lambda x: x[:2]
-    energy, grads = jax.jit(sharding.sharded_energies(energy_fn, mesh))(
+    energy, grads = jax.jit(modes.sharded_energies(energy_fn, mesh))(
         mlp.params, [first(m) for m in particles], jax.tree.map(first, batch)
     )
     arrays = {"x/energy": energy, **{f"x/grads/{i}": g for i, g in enumerate(grads)}}
@@ -287,7 +288,7 @@ def test_mesh_errors(mlp):
                     axis_types=(AxisType.Explicit, AxisType.Explicit))
     energy_fn, _, _ = _particle_inputs(mlp, n=1)
     with pytest.raises(ValueError, match="not of type Auto"):
-        sharding.sharded_energies(energy_fn, explicit)
+        modes.sharded_energies(energy_fn, explicit)
     other = Mesh(np.asarray(jax.devices()[:1]), ("data",))
     with pytest.raises(ValueError, match="needs a 'particles' axis"):
         sharding.shard_batch({"x": np.zeros(4)}, other)

@@ -1,8 +1,10 @@
 """Channel (structured) masks: one mask entry covers a whole channel of a kernel.
 
 A channel mask keeps the kernel's rank with size 1 on every axis it spans, so
-it broadcasts over the kernel: Flax kernels are (..., in, out), an output
-channel mask is (1, ..., 1, out) and an input channel mask (1, ..., in, 1).
+it broadcasts over the kernel. Where the channels are depends on the
+framework: Flax kernels are (..., in, out), so an output channel mask is
+(1, ..., 1, out); Equinox (and PyTorch) weights are (out, in, ...), so it is
+(out, 1, ..., 1) there (:func:`channel_axes`).
 The SFPK quantities then live on mask entries, each standing for the kernel
 entries it covers: its node size, its summed |theta| and its summed theta^2.
 For unstructured masks every one of these reduces to the entry itself.
@@ -18,21 +20,38 @@ import jax.numpy as jnp
 MASK_DIMS = ("out", "in")
 
 
-def mask_shape(shape: tuple[int, ...], mask_dim: str | None, channel_masked: bool) -> tuple[int, ...]:
+# (output axis, input axis) of a weight, by the name frameworks give it.
+_AXES_BY_NAME = {"kernel": (-1, -2), "weight": (0, 1)}
+
+
+def channel_axes(name: str, shape: tuple[int, ...]) -> tuple[int, int] | None:
+    """The (output, input) channel axes of a weight named ``name``, or None if unknown.
+
+    ``kernel`` is Flax's layout (..., in, out); ``weight`` is Equinox's and
+    PyTorch's (out, in, ...). Leaves of rank < 2 have no channel axes.
+    """
+    if len(shape) < 2 or name not in _AXES_BY_NAME:
+        return None
+    out_axis, in_axis = _AXES_BY_NAME[name]
+    return out_axis % len(shape), in_axis % len(shape)
+
+
+def mask_shape(shape: tuple[int, ...], mask_dim: str | None,
+               axes: tuple[int, int] | None) -> tuple[int, ...]:
     """The mask shape of a parameter of ``shape``.
 
     Args:
       shape: the parameter's shape.
       mask_dim: None (unstructured), ``"out"`` or ``"in"`` channels.
-      channel_masked: whether this leaf is a kernel (rank >= 2) that takes a
-        channel mask; other prunable leaves (dense biases) stay unstructured.
+      axes: the leaf's (output, input) channel axes, or None for a leaf that
+        stays unstructured (a bias: one entry per channel already).
 
     Returns:
       The broadcastable mask shape.
     """
-    if mask_dim is None or not channel_masked:
+    if mask_dim is None or axes is None:
         return tuple(shape)
-    axis = len(shape) - 1 if mask_dim == "out" else len(shape) - 2
+    axis = axes[0] if mask_dim == "out" else axes[1]
     return tuple(d if i == axis else 1 for i, d in enumerate(shape))
 
 

@@ -19,7 +19,13 @@ import numpy as np
 from sfpk_jax.core import channels
 
 PyTree = Any
-Prunable = Union[None, str, Callable[[str, Any], bool]]
+# A callable may return (out_axis, in_axis) instead of True: the leaf is
+# prunable, and its channel masks take those axes.
+Prunable = Union[None, str, Callable[[str, Any], Union[bool, tuple[int, int]]]]
+
+# Names the frameworks give their weights: Flax (Linen and NNX) ``kernel``,
+# Equinox ``weight`` (Equinox also names norm scales ``weight``: rank 1).
+_WEIGHT_NAMES = ("kernel", "weight")
 
 
 def _key_name(entry) -> str:
@@ -30,7 +36,14 @@ def _key_name(entry) -> str:
 
 
 def path_to_str(path) -> str:
-    """Joins a jax key path into ``'Conv_0/kernel'`` form."""
+    """Joins a jax key path into ``'Conv_0/kernel'`` form.
+
+    A trailing ``.value`` attribute (how Flax NNX variables flatten) is
+    dropped, so that a rule reads the same path on Linen, NNX and Equinox.
+    """
+    path = tuple(path)
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     return "/".join(_key_name(e) for e in path)
 
 
@@ -39,27 +52,47 @@ def _is_none(x) -> bool:
 
 
 def default_rule(paths: Sequence[str], leaves: Sequence[Any]) -> list[bool]:
-    """The spec's rule: conv/dense kernels and dense biases are prunable.
+    """The spec's rule: conv/dense weights and dense biases are prunable.
 
-    Flax names weights ``kernel``; a kernel of rank 2 is a dense layer, so the
-    ``bias`` next to it is prunable too. Conv biases, normalisation scales and
-    biases and embeddings are not.
+    Weights are the leaves named ``kernel`` (Flax) or ``weight`` (Equinox)
+    of rank >= 2; a weight of rank 2 is a dense layer, so the ``bias`` next
+    to it is prunable too. Conv biases, normalisation scales and biases and
+    embeddings (Flax ``embedding``) are not.
     """
-    rank_of_kernel = {}
+    rank_of_weight = {}
     for p, leaf in zip(paths, leaves):
         parent, _, name = p.rpartition("/")
-        if name == "kernel":
-            rank_of_kernel[parent] = np.ndim(leaf)
+        if name in _WEIGHT_NAMES:
+            rank_of_weight[parent] = np.ndim(leaf)
     selected = []
     for p, leaf in zip(paths, leaves):
         parent, _, name = p.rpartition("/")
-        if name == "kernel":
+        if name in _WEIGHT_NAMES:
             selected.append(np.ndim(leaf) >= 2)
         elif name == "bias":
-            selected.append(rank_of_kernel.get(parent) == 2)
+            selected.append(rank_of_weight.get(parent) == 2)
         else:
             selected.append(False)
     return selected
+
+
+def _decisions(paths: Sequence[str], leaves: Sequence[Any], prunable: Prunable) -> list:
+    """Per leaf: False, True, or explicit (out_axis, in_axis) channel axes."""
+    if prunable is None:
+        return default_rule(paths, leaves)
+    if isinstance(prunable, str):
+        pattern = re.compile(prunable)
+        return [bool(pattern.search(p)) for p in paths]
+    if callable(prunable):
+        out = []
+        for p, leaf in zip(paths, leaves):
+            d = prunable(p, leaf)
+            out.append(tuple(d) if isinstance(d, (tuple, list)) else bool(d))
+        return out
+    raise TypeError(
+        f"prunable must be None, a regex string or a callable (path, leaf) -> bool or "
+        f"(out_axis, in_axis), got {type(prunable).__name__}"
+    )
 
 
 def select(params: PyTree, prunable: Prunable = None) -> list[bool]:
@@ -69,25 +102,34 @@ def select(params: PyTree, prunable: Prunable = None) -> list[bool]:
       params: the parameter pytree.
       prunable: ``None`` for the spec's default rule, a regex matched
         (``re.search``) against the '/'-joined path, or a callable
-        ``(path, leaf) -> bool``.
+        ``(path, leaf) -> bool``; the callable may also return
+        ``(out_axis, in_axis)`` to select the leaf and name its channel axes.
 
     Returns:
       One bool per leaf of ``params``.
     """
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
     paths = [path_to_str(p) for p, _ in flat]
-    leaves = [leaf for _, leaf in flat]
-    if prunable is None:
-        return default_rule(paths, leaves)
-    if isinstance(prunable, str):
-        pattern = re.compile(prunable)
-        return [bool(pattern.search(p)) for p in paths]
-    if callable(prunable):
-        return [bool(prunable(p, leaf)) for p, leaf in zip(paths, leaves)]
-    raise TypeError(
-        f"prunable must be None, a regex string or a callable (path, leaf) -> bool, "
-        f"got {type(prunable).__name__}"
-    )
+    return [d is not False for d in _decisions(paths, [leaf for _, leaf in flat], prunable)]
+
+
+def _leaf_axes(path: str, shape: tuple[int, ...], decision, mask_dim: str | None):
+    """The channel axes of a selected leaf, checked; None when it stays unstructured."""
+    if isinstance(decision, tuple):
+        in_range = len(decision) == 2 and all(
+            isinstance(a, int) and -len(shape) <= a < len(shape) for a in decision)
+        if not in_range or decision[0] % len(shape) == decision[1] % len(shape):
+            raise ValueError(
+                f"prunable returned channel axes {decision} for {path} (shape {shape}): "
+                "expected two different axes (out_axis, in_axis) of the leaf")
+        return tuple(a % len(shape) for a in decision)
+    axes = channels.channel_axes(path.rpartition("/")[2], shape)
+    if mask_dim is not None and axes is None and len(shape) >= 2:
+        raise ValueError(
+            f"mask_dim={mask_dim!r} cannot be applied to {path} (shape {shape}): its channel "
+            "axes are unknown (Flax names weights 'kernel', Equinox 'weight'). Have the "
+            "prunable callable return (out_axis, in_axis) for it, or leave it out")
+    return axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,16 +170,17 @@ class MaskLayout:
         if mask_dim not in (None, *channels.MASK_DIMS):
             raise ValueError(f"mask_dim={mask_dim!r} is not one of None, {channels.MASK_DIMS}")
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        chosen = select(params, prunable)
-        index = tuple(i for i, c in enumerate(chosen) if c)
+        paths_all = [path_to_str(p) for p, _ in flat]
+        decisions = _decisions(paths_all, [leaf for _, leaf in flat], prunable)
+        index = tuple(i for i, d in enumerate(decisions) if d is not False)
         if not index:
-            paths = ", ".join(path_to_str(p) for p, _ in flat[:8]) or "(empty tree)"
+            paths = ", ".join(paths_all[:8]) or "(empty tree)"
             raise ValueError(
                 "no prunable parameters: the rule selected none of the leaves "
                 f"({paths}{', ...' if len(flat) > 8 else ''}); pass `prunable=` a regex "
                 "or callable that selects the weights to prune"
             )
-        paths = tuple(path_to_str(flat[i][0]) for i in index)
+        paths = tuple(paths_all[i] for i in index)
         shapes = tuple(tuple(np.shape(flat[i][1])) for i in index)
         return cls(
             treedef=treedef,
@@ -145,8 +188,8 @@ class MaskLayout:
             paths=paths,
             shapes=shapes,
             mask_shapes=tuple(
-                channels.mask_shape(s, mask_dim, p.rpartition("/")[2] == "kernel" and len(s) >= 2)
-                for p, s in zip(paths, shapes)
+                channels.mask_shape(s, mask_dim, _leaf_axes(p, s, decisions[i], mask_dim))
+                for i, p, s in zip(index, paths, shapes)
             ),
         )
 
@@ -170,19 +213,24 @@ class MaskLayout:
         """Parameter entries each mask entry covers, per leaf (1 when unstructured)."""
         return tuple(channels.node_size(p, m) for p, m in zip(self.shapes, self.mask_shapes))
 
+    def _leaves(self, tree: PyTree) -> list:
+        # Up to the params' structure: a mask tree's None leaves and the None
+        # nodes of a partitioned (Equinox) params tree both line up.
+        try:
+            return self.treedef.flatten_up_to(tree)
+        except (ValueError, TypeError) as err:
+            raise ValueError(
+                f"tree does not have the structure of the params tree ({err}); masks must "
+                "mirror the params tree (None at leaves that are not pruned)") from None
+
     def gather(self, tree: PyTree) -> list:
         """The prunable leaves of a params or mask tree, in layout order."""
-        leaves = jax.tree_util.tree_leaves(tree, is_leaf=_is_none)
-        if len(leaves) != self.treedef.num_leaves:
-            raise ValueError(
-                f"tree has {len(leaves)} leaves but the params tree has "
-                f"{self.treedef.num_leaves}; masks must mirror the params tree"
-            )
+        leaves = self._leaves(tree)
         return [leaves[i] for i in self.index]
 
     def replace(self, tree: PyTree, leaves: Sequence[Any]) -> PyTree:
         """``tree`` (shaped like params) with its prunable leaves swapped for ``leaves``."""
-        full = jax.tree_util.tree_leaves(tree, is_leaf=_is_none)
+        full = self._leaves(tree)
         for i, leaf in zip(self.index, leaves):
             full[i] = leaf
         return jax.tree_util.tree_unflatten(self.treedef, full)
@@ -232,6 +280,13 @@ def density(masks: PyTree, params: PyTree | None = None) -> float:
     Returns:
       kept / total over all masked parameters, as a Python float.
     """
+    for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
+        values = np.asarray(m)
+        other = values[(values != 0) & (values != 1)]
+        if other.size:
+            raise ValueError(
+                f"density takes 0/1 masks, but leaf {path_to_str(path) or '<root>'} holds "
+                f"{float(other.flat[0])!r}: pass the masks (e.g. result.masks), not params or scores")
     if params is None:
         leaves = [m for m in jax.tree_util.tree_leaves(masks) if m is not None]
         kept = sum(float(np.count_nonzero(np.asarray(m))) for m in leaves)

@@ -1,0 +1,63 @@
+"""What every experiment shares: flags, checks, the output folder, training, pruning, results.
+
+The scripts in ``experiments/`` only choose defaults and the order of these
+steps. Every output goes under ``--out``: ``config.json``, ``metrics.csv``,
+``results.json``, plots and orbax checkpoints under ``checkpoints/``.
+
+Fault tolerance (see ``docs/long_runs.md``): every flag is checked before any
+work or write; every training epoch, every pruning result and the SFPK
+simulation (every ``--checkpoint-every`` steps) are checkpointed under
+``checkpoints/``; ``--resume`` continues an interrupted run from there and
+ends with the outputs an uninterrupted run would have written, bit for bit
+(timings aside). Nothing in ``--out`` is deleted without ``--overwrite``.
+
+The modules, each importing only those listed before it: :mod:`.flags` (the flags,
+the SFPK ones made from :class:`sfpk_jax.SFPKConfig`'s fields),
+:mod:`.outdir` (the output folder, ``--resume``, ``--overwrite``),
+:mod:`.checks` (``finish_args``), :mod:`.results` (metrics and outputs),
+:mod:`.training` (data, model, training loop), :mod:`.pruning`.
+"""
+
+from sfpk_jax.harness.checks import (
+    Check,
+    batch_split_check,
+    check_config,
+    csv_items,
+    finish_args,
+    finite,
+    list_check,
+    out_check,
+    positive_ints,
+    recipe_checks,
+    require,
+    sparsities_check,
+)
+from sfpk_jax.harness.flags import (
+    add_common_flags,
+    add_config_flags,
+    add_recipe_flags,
+    fail,
+    one_line_errors,
+    sfpk_config,
+)
+from sfpk_jax.harness.outdir import RESUME_LOG, remember, save_checkpoint, start
+from sfpk_jax.harness.pruning import prune_model
+from sfpk_jax.harness.results import Metrics, mask_results, summarize, write_outputs
+from sfpk_jax.harness.training import (
+    build_model,
+    dense_model,
+    fit,
+    loaders,
+    open_data,
+    recompute_bn,
+    setup,
+)
+
+__all__ = [
+    "Check", "Metrics", "RESUME_LOG", "add_common_flags", "add_config_flags", "add_recipe_flags",
+    "batch_split_check", "build_model", "check_config", "csv_items", "dense_model", "fail",
+    "finish_args", "finite", "fit", "list_check", "loaders", "mask_results", "one_line_errors",
+    "open_data", "out_check", "positive_ints", "prune_model", "recipe_checks", "recompute_bn",
+    "remember", "require", "save_checkpoint", "setup", "sfpk_config", "sparsities_check", "start",
+    "summarize", "write_outputs",
+]

@@ -42,7 +42,7 @@ def particle_mesh(devices: Sequence[jax.Device] | None = None, *, batch_axis: in
         keeps that axis within a host.
 
     Returns:
-      The mesh, with both axes of type ``Auto``: :func:`sharded_energies`
+      The mesh, with both axes of type ``Auto``: :func:`sfpk_jax.sfpk.modes.sharded_energies`
       closes over the ``"batch"`` axis inside ``shard_map`` and lets the
       compiler partition it, which ``Explicit`` axes (``jax.make_mesh``'s
       default) reject.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 from sfpk_jax.core.channels import MASK_DIMS
 from sfpk_jax.core.topk import SCOPES
@@ -18,9 +19,33 @@ PARTICLE_MODES = ("loop", "vmap", "map", "shard")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
+class ConfigError(ValueError):
+    """A field of :class:`SFPKConfig` was given a value it does not allow.
+
+    Attributes:
+      field: the field's name.
+      value: the value given.
+      expected: what the field allows, e.g. ``"an integer >= 1"``.
+    """
+
+    def __init__(self, field: str, value: Any, expected: str):
+        super().__init__(f"SFPKConfig.{field}={value!r} must be {expected}")
+        self.field, self.value, self.expected = field, value, expected
+
+
+def _field(default: Any, text: str, choices: tuple | None = None) -> Any:
+    """A config field whose metadata holds its one-line ``help`` and, for a choice, ``choices``."""
+    metadata = {"help": text} if choices is None else {"help": text, "choices": choices}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class SFPKConfig:
     """Every knob of the spec (``docs/sfpk-algorithm.md``), defaults as there.
+
+    Each field's metadata holds a one-line ``help`` and, for a field with a
+    fixed set of values, its ``choices``: the experiments make their flags
+    from these. An invalid value raises :class:`ConfigError`.
 
     Attributes:
       steps: K, the number of simulation steps (100 on CIFAR, 150 on ImageNet).
@@ -62,59 +87,49 @@ class SFPKConfig:
       progress: show a progress bar over the steps.
     """
 
-    steps: int = 100
-    particles: int = 10
-    repulsion: float = 0.2
-    radius: float = 1.1
-    schedule: str = "exp"
-    sparsity_fn: str = "l2"
-    polarizer: str = "onehot"
-    polarizer_eps: float = 0.9
-    polarizer_ratio: float = 0.9
-    repulsion_mode: str = "exp"
-    repulsion_weighted: bool = True
-    vote_mode: str = "soft"
-    vote_ratio: float = 1.0
-    momentum: float = 0.1
-    score: str = "mp"
-    scope: str = "global"
-    mask_dim: str | None = None
-    particle_mode: str = "loop"
-    particle_chunk: int = 1
-    compute_dtype: str = "float32"
-    early_stop: bool = True
-    progress: bool = True
+    steps: int = _field(100, "simulation steps K")
+    particles: int = _field(10, "particles n")
+    repulsion: float = _field(0.2, "repulsion weight lambda")
+    radius: float = _field(1.1, "localization radius r")
+    schedule: str = _field("exp", "step-size schedule", SCHEDULES)
+    sparsity_fn: str = _field("l2", "sparsity functional G", SPARSITY_FNS)
+    polarizer: str = _field("onehot", "how a particle becomes the energy's gradient point",
+                            POLARIZERS)
+    polarizer_eps: float = _field(0.9, "sigmoid polarizers' band: [logit(1 - eps), logit(eps)]")
+    polarizer_ratio: float = _field(0.9, "sigmoid polarizers' lower band edge, a fraction of 1 - G")
+    repulsion_mode: str = _field("exp", "repulsion kernel", REPULSION_MODES)
+    repulsion_weighted: bool = _field(True, "weight the repulsion by |theta|")
+    vote_mode: str = _field("soft", "how the voters' scores combine", VOTE_MODES)
+    vote_ratio: float = _field(1.0, "fraction of particles voting")
+    momentum: float = _field(0.1, "score momentum mu")
+    score: str = _field("mp", "what a particle scores: |m * theta| or |m|", SCORES)
+    scope: str = _field("global", "top-k scope", SCOPES)
+    mask_dim: str | None = _field(None, "prune whole output or input channels (structured; needs "
+                                  "scope local)", (None, *MASK_DIMS))
+    particle_mode: str = _field("loop", "how particles go through the model (shard: split over "
+                                "the devices)", PARTICLE_MODES)
+    particle_chunk: int = _field(1, "particles per chunk in map mode (bounds memory)")
+    compute_dtype: str = _field("float32", "dtype of the forward/backward passes", COMPUTE_DTYPES)
+    early_stop: bool = _field(True, "stop once the particles' mean G reaches the target density")
+    progress: bool = _field(True, "show a progress bar over the steps")
 
     def __post_init__(self):
-        choices = {
-            "schedule": SCHEDULES,
-            "sparsity_fn": SPARSITY_FNS,
-            "polarizer": POLARIZERS,
-            "repulsion_mode": REPULSION_MODES,
-            "vote_mode": VOTE_MODES,
-            "score": SCORES,
-            "scope": SCOPES,
-            "particle_mode": PARTICLE_MODES,
-            "compute_dtype": COMPUTE_DTYPES,
-        }
-        for name, allowed in choices.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"SFPKConfig.{name}={value!r} is not one of {allowed}")
-        if self.mask_dim not in (None, *MASK_DIMS):
-            raise ValueError(f"SFPKConfig.mask_dim={self.mask_dim!r} is not one of None, {MASK_DIMS}")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed is not None and getattr(self, f.name) not in allowed:
+                raise ConfigError(f.name, getattr(self, f.name),
+                                  f"one of {', '.join(map(repr, allowed))}")
         if self.mask_dim is not None and self.scope != "local":
-            raise ValueError(
-                f"SFPKConfig.mask_dim={self.mask_dim!r} needs scope='local': channel pruning "
-                "is layer-wise, as in the reference"
-            )
+            raise ConfigError("mask_dim", self.mask_dim,
+                              "None unless scope='local' (channel pruning is layer-wise, as in "
+                              "the reference)")
         for name in ("steps", "particles", "particle_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"SFPKConfig.{name}={value!r} must be an integer >= 1")
+                raise ConfigError(name, value, "an integer >= 1")
         for name in ("repulsion_weighted", "early_stop", "progress"):
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"SFPKConfig.{name}={getattr(self, name)!r} must be True or False")
+                raise ConfigError(name, getattr(self, name), "True or False")
         _check_real(self.radius, "radius", lo=1.0, lo_open=False, what="r >= 1")
         _check_real(self.repulsion, "repulsion", lo=0.0, lo_open=False, what=">= 0")
         _check_real(self.momentum, "momentum", lo=0.0, lo_open=False, what=">= 0")
@@ -140,7 +155,7 @@ def _check_real(value, name, *, lo=None, hi=None, lo_open=True, hi_open=False, w
     if not bad and hi is not None:
         bad = value >= hi if hi_open else value > hi
     if bad:
-        raise ValueError(f"SFPKConfig.{name}={value!r} must be a finite number {what}")
+        raise ConfigError(name, value, f"a finite number {what}")
 
 
 def spode(config: SFPKConfig | None = None) -> SFPKConfig:

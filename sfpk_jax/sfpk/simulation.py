@@ -140,6 +140,9 @@ def sfpk_prune(
         good state is checkpointed first when ``checkpoint`` is given.
     """
     sparsity = topk.check_sparsity(sparsity)
+    if batches is None:
+        raise ValueError("SFPK needs data: pass `batches`, one batch pytree per step whose "
+                         "leaves have a leading particle axis n (e.g. data.particle_loader)")
     if not isinstance(config, SFPKConfig):
         raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
     if mesh is not None and config.particle_mode != "shard":

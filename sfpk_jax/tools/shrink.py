@@ -171,14 +171,15 @@ def _masked_params(params: Any, masks: Any) -> tuple[dict, dict[str, np.ndarray]
         mask = np.asarray(mask)
         shape = tuple(param.shape)
         is_kernel = path.rpartition("/")[2] == "kernel" and param.ndim >= 2
-        if is_kernel and mask.shape not in {channels.mask_shape(shape, d, True)
-                                            for d in channels.MASK_DIMS}:
-            raise ValueError(
-                f"the mask of {path} has shape {mask.shape}, not a channel mask of the "
-                f"kernel {shape} (output channels: {channels.mask_shape(shape, 'out', True)}, "
-                f"input channels: {channels.mask_shape(shape, 'in', True)}); shrinking needs "
-                "channel masks: prune with mask_dim='out' or 'in' and scope='local'"
-            )
+        if is_kernel:
+            out_mask, in_mask = (channels.mask_shape(shape, d, channels.channel_axes("kernel", shape))
+                                 for d in channels.MASK_DIMS)
+            if mask.shape not in (out_mask, in_mask):
+                raise ValueError(
+                    f"the mask of {path} has shape {mask.shape}, not a channel mask of the "
+                    f"kernel {shape} (output channels: {out_mask}, input channels: {in_mask}); "
+                    "shrinking needs channel masks: prune with mask_dim='out' or 'in' and "
+                    "scope='local'")
         try:
             keep = np.broadcast_to(mask != 0, shape)
         except ValueError:

@@ -17,6 +17,7 @@ from sfpk_jax.data.arrays import batch_iterator
 from sfpk_jax.models import ApplyFn
 from sfpk_jax.parallel import sharding as sharding_lib
 from sfpk_jax.train.losses import cross_entropy
+from sfpk_jax.train.masked import keep_masked, masks_by_path
 
 PyTree = Any
 
@@ -100,14 +101,9 @@ def _train_step(
         return cross_entropy(logits, batch["label"], label_smoothing), updated
 
     (loss, updated), grads = jax.value_and_grad(loss_fn, has_aux=True)(variables["params"])
-    if masks is not None:
-        # Pruned entries get no gradient, so momentum never accumulates there.
-        grads = apply_masks(grads, masks)
-    updates, opt_state = optimizer.update(grads, opt_state, variables["params"])
+    tx = optimizer if masks is None else keep_masked(optimizer, masks)
+    updates, opt_state = tx.update(grads, opt_state, variables["params"])
     params = optax.apply_updates(variables["params"], updates)
-    if masks is not None:
-        # Weight decay and other transforms may still move pruned entries.
-        params = apply_masks(params, masks)
     return {**updated, "params": params}, opt_state, loss
 
 
@@ -142,7 +138,8 @@ def train_epoch(
       opt_state: the optimizer's state.
       batches: ``{"image", "label"}`` dicts, e.g. a :class:`sfpk_jax.data.Loader` epoch.
       optimizer: the optax transformation that made ``opt_state``.
-      masks: optional mask tree; parameters and gradients are masked each step.
+      masks: optional mask tree; training goes through :func:`keep_masked`, so
+        pruned entries get no gradient and stay exactly 0.
       label_smoothing: label smoothing of the cross-entropy, in [0, 1).
       epoch: epoch number, for the error message and the bar.
       progress: show a tqdm bar over the steps.
@@ -163,6 +160,8 @@ def train_epoch(
       FloatingPointError: when a step's loss is NaN or infinite.
       ValueError: with a mesh, when a batch does not split evenly over it.
     """
+    if masks is not None:
+        masks_by_path(variables["params"], masks)
     if mesh is not None:
         # jit partitions the step from its inputs' shardings (SPMD): replicated
         # state and a batch split over the devices make it data-parallel, and

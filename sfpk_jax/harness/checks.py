@@ -1,0 +1,250 @@
+"""Every flag checked before any work or write: ``finish_args`` and the checks it runs."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import tempfile
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+
+from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax.data import DATASETS
+from sfpk_jax.harness.flags import (
+    config_flag,
+    fail,
+    flag_name,
+    one_line_errors,
+    sfpk_config,
+)
+from sfpk_jax.harness.outdir import check_out_state
+from sfpk_jax.models import build, registered
+from sfpk_jax.pruners import PRUNERS
+from sfpk_jax.sfpk.config import ConfigError
+
+# What --smoke shrinks the common flags to (at most); scripts add their own.
+SMOKE = {"steps": 3, "particles": 2, "prune_batch_size": 16, "batch_size": 32, "epochs": 2}
+
+
+class Check(NamedTuple):
+    """One flag's check: ``ok`` is False when ``value`` is not ``allowed``."""
+
+    flag: str
+    value: Any
+    ok: bool
+    allowed: str
+
+
+def finite(x) -> bool:
+    """``x`` is a finite int or float."""
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def positive_ints(args: argparse.Namespace, *names: str) -> list[Check]:
+    """``--name`` is an integer >= 1, for each attribute name."""
+    return [Check(flag_name(name), getattr(args, name), _int(getattr(args, name)) and
+                  getattr(args, name) >= 1, "an integer >= 1") for name in names]
+
+
+def _int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def csv_items(text: str, kind) -> list | None:
+    """The items of a comma-separated flag, each parsed by ``kind`` (e.g. ``float``).
+
+    Returns:
+      The items, or None when one does not parse or one comes twice.
+    """
+    try:
+        values = [kind(t.strip()) for t in str(text).split(",")]
+    except ValueError:
+        return None
+    return values if len(set(values)) == len(values) else None
+
+
+def list_check(flag: str, text: str, kind, what: str, valid: Callable[[Any], bool]) -> Check:
+    """A comma-separated flag whose items parse by ``kind``, come once and are each ``valid``.
+
+    Args:
+      flag: the flag, e.g. ``--seeds``.
+      text: its value.
+      kind: the type of each item, e.g. ``int``.
+      what: the items, as the error says, e.g. ``"integers >= 0"``.
+      valid: whether one parsed item is allowed.
+
+    Returns:
+      The check.
+    """
+    values = csv_items(text, kind)
+    return Check(flag, text, values is not None and all(valid(v) for v in values),
+                 f"comma-separated {what}, each once")
+
+
+def sparsities_check(text: str) -> Check:
+    """``--sparsities``: comma-separated fractions in (0, 1), each once."""
+    return list_check("--sparsities", text, float, "fractions in (0, 1)",
+                      lambda v: finite(v) and 0 < v < 1)
+
+
+def out_problem(path: str) -> str | None:
+    """Why ``--out`` cannot be used, or None; creates nothing (an unnamed probe file at most)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        return "a directory (it is a file)"
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"a path under a directory ({probe} is a file)"
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as err:
+        return f"a writable directory (cannot create files in {probe}: {err.strerror or err})"
+    return None
+
+
+def out_check(args: argparse.Namespace) -> Check:
+    """``--out`` is (or can become) a writable directory."""
+    problem = out_problem(args.out)
+    return Check("--out", args.out, problem is None, problem or "")
+
+
+def common_checks(args: argparse.Namespace) -> list[Check]:
+    """The flags of ``add_common_flags`` that :class:`SFPKConfig` does not check."""
+    devices = jax.device_count()
+    return [
+        Check("--resume", args.resume, not (args.resume and args.overwrite),
+              "not together with --overwrite (--resume continues a run, --overwrite starts it "
+              "again)"),
+        Check("--dataset", args.dataset, args.dataset in DATASETS, f"one of {', '.join(DATASETS)}"),
+        Check("--model", args.model, args.model in registered(),
+              f"one of {', '.join(registered())}"),
+        Check("--pruner", args.pruner, args.pruner in PRUNERS, f"one of {', '.join(PRUNERS)}"),
+        Check("--sparsity", args.sparsity, finite(args.sparsity) and 0.0 < args.sparsity < 1.0,
+              "a fraction in (0, 1)"),
+        *positive_ints(args, "prune_batch_size", "batch_size", "epochs", "bn_batches",
+                       "checkpoint_every", "synflow_iterations", "mesh_batch"),
+        Check("--pretrain-epochs", args.pretrain_epochs, args.pretrain_epochs >= 0,
+              "an integer >= 0"),
+        Check("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
+        Check("--mesh-batch", args.mesh_batch, args.mesh_batch <= devices,
+              f"at most the {devices} devices"),
+        Check("--mesh-batch", args.mesh_batch,
+              args.mesh_batch <= 1 or args.particle_mode == "shard",
+              "1 unless --particle-mode shard"),
+        batch_split_check(args, 1),
+        # Files and folders the run reads.
+        Check("--data-dir", args.data_dir, args.data_dir is None or Path(args.data_dir).is_dir(),
+              "an existing directory"),
+        Check("--dense-checkpoint", args.dense_checkpoint,
+              args.dense_checkpoint is None or Path(args.dense_checkpoint).is_dir(),
+              "an existing checkpoint folder (e.g. OUT/checkpoints/dense of experiments.pretrain)"),
+    ]
+
+
+def batch_split_check(args: argparse.Namespace, accumulate: int) -> Check:
+    """With ``--data-parallel``, each micro-batch (``accumulate`` a step) splits over devices."""
+    devices = jax.device_count()
+    return Check("--batch-size", args.batch_size,
+                 not args.data_parallel or (args.batch_size // accumulate) % devices == 0,
+                 f"one whose (micro-)batches split evenly over the {devices} devices "
+                 "(--data-parallel)")
+
+
+def recipe_checks(args: argparse.Namespace) -> list[Check]:
+    """The flags of ``add_recipe_flags``."""
+    return [
+        Check("--lr", args.lr, finite(args.lr) and args.lr > 0, "a finite number > 0"),
+        Check("--momentum", args.momentum, finite(args.momentum) and 0 <= args.momentum < 1,
+              "a number in [0, 1)"),
+        Check("--weight-decay", args.weight_decay,
+              finite(args.weight_decay) and args.weight_decay >= 0, "a finite number >= 0"),
+        Check("--warmup-epochs", args.warmup_epochs, args.warmup_epochs >= 0, "an integer >= 0"),
+        Check("--warmup-start", args.warmup_start,
+              finite(args.warmup_start) and args.warmup_start >= 0, "a finite number >= 0"),
+        Check("--label-smoothing", args.label_smoothing,
+              finite(args.label_smoothing) and 0 <= args.label_smoothing < 1,
+              "a number in [0, 1)"),
+    ]
+
+
+def require(checks: Iterable[Check]) -> None:
+    """Stops at the first failed check: one line naming the flag, the value and what is allowed."""
+    for check in checks:
+        if not check.ok:
+            fail(f"{check.flag}={check.value!r} is not allowed: expected {check.allowed}")
+
+
+def check_config(args: argparse.Namespace) -> None:
+    """The SFPK flags make a valid :class:`SFPKConfig`; if not, one line naming the flag."""
+    try:
+        sfpk_config(args)
+    except ConfigError as err:
+        require([Check(config_flag(err.field), err.value, False, err.expected)])
+
+
+def finish_args(parser: argparse.ArgumentParser, argv,
+                checks: Iterable[Callable[[argparse.Namespace], list[Check]]] = (), *,
+                smoke: dict | None = None, needs_dense: bool = False,
+                dense_flag: str | None = None) -> argparse.Namespace:
+    """Parses, applies ``--smoke`` and validates every flag before any work or write.
+
+    A bad value stops with one line naming the flag, the value and what is
+    allowed, and exit code 2.
+
+    Args:
+      parser: a parser with ``add_common_flags``.
+      argv: the command line (None: ``sys.argv``).
+      checks: the script's further checks, each ``args -> list[Check]`` (e.g.
+        ``recipe_checks`` for ``add_recipe_flags``, and those of its own flags).
+      smoke: what ``--smoke`` shrinks the script's own flags to (at most).
+      needs_dense: the experiment prunes a dense model, so one of its sources
+        must be given.
+      dense_flag: the attribute of a further flag of the script that names a
+        dense model file (e.g. ``pretrained_weights``).
+
+    Returns:
+      The parsed arguments.
+    """
+    one_line_errors(parser)
+    args = parser.parse_args(argv)
+    if args.smoke:
+        for name, value in {**SMOKE, **(smoke or {})}.items():
+            setattr(args, name, min(getattr(args, name), value))
+        if args.pretrain_epochs:
+            args.pretrain_epochs = 1
+    require([*common_checks(args), *(c for more in checks for c in more(args)), out_check(args)])
+    check_config(args)
+    if needs_dense:
+        _check_dense_source(args, dense_flag)
+    _check_prunable(args)
+    check_out_state(args)
+    return args
+
+
+def _check_dense_source(args: argparse.Namespace, dense_flag: str | None) -> None:
+    """One source of the dense model is given (or it is trained here)."""
+    if args.dense_checkpoint or args.pretrain_epochs >= 1:
+        return
+    if dense_flag and getattr(args, dense_flag):
+        return
+    sources = "--dense-checkpoint PATH (from experiments.pretrain)"
+    if dense_flag:
+        sources = f"{flag_name(dense_flag)} FILE, {sources}"
+    fail(f"--pretrain-epochs={args.pretrain_epochs!r} is not allowed without another dense model: "
+         f"no dense model, so pass {sources} or --pretrain-epochs N to train one here")
+
+
+def _check_prunable(args: argparse.Namespace) -> None:
+    """The model has weights to prune (shapes only: nothing is computed)."""
+    shapes = jax.eval_shape(lambda: build(args.model, num_classes=10)[1])
+    try:
+        MaskLayout.from_params(shapes["params"], None, args.mask_dim)
+    except ValueError as err:
+        fail(f"--model={args.model!r} is not allowed: expected a model with prunable weights "
+             f"({err})")

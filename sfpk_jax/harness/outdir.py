@@ -1,0 +1,192 @@
+"""A run's output folder: its lock, config.json, ``--resume``, ``--overwrite``, checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from sfpk_jax.harness.flags import fail, flag_name
+from sfpk_jax.storage import checkpoints, files
+
+# Flags that may differ between a run and its --resume: they change where
+# things are and what is shown, not what is computed.
+RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir")
+# Flags a --resume may change on purpose: the learning rate, to get past a
+# diverged (NaN) epoch; the particle mode, when the run moves to another
+# machine (it changes float rounding only). A change is announced and recorded
+# in config.json under RESUME_LOG; the run is then no longer bit-equal to an
+# uninterrupted one.
+RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk", "mesh_batch",
+                     "data_parallel")
+RESUME_LOG = "resume_changes"
+# What --overwrite removes before starting again (results.json first: it marks
+# a finished run). Plots are simply rewritten.
+RUN_FILES = ("results.json", "summary.json", "table.md", "metrics.csv", "config.json")
+# How to get past a damaged checkpoint.
+DAMAGED = ("pass --overwrite to start the run again (or, when the folder holds an earlier step, "
+           "remove the damaged step's folder to resume from the one before)")
+
+
+def _config_changes(out: Path, args: argparse.Namespace) -> list[tuple[str, Any, Any]]:
+    """The RESUME_MAY_CHANGE flags that differ from config.json; every other difference fails."""
+    path = out / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as err:
+        fail(f"--resume: cannot read {path} ({err}), so the run there cannot be checked: "
+             "pass --overwrite to start again")
+    now = json.loads(json.dumps(vars(args)))
+    absent = "<absent>"
+    differ, allowed = [], []
+    for key in sorted((set(saved) | set(now)) - set(RESUME_IGNORES) - {RESUME_LOG}):
+        old, new = saved.get(key, absent), now.get(key, absent)
+        if old != new:
+            (allowed if key in RESUME_MAY_CHANGE else differ).append((key, old, new))
+    if differ:
+        listed = "; ".join(f"{flag_name(k)} was {old!r}, now {new!r}" for k, old, new in differ)
+        fail(f"--resume: the flags differ from those of the interrupted run in {out} "
+             f"(config.json): {listed}. Resume with the run's flags, or pass --overwrite to "
+             "start again")
+    return allowed
+
+
+def _wipe(out: Path) -> None:
+    """What --overwrite removes: results first (they mark a finished run), then the rest."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+
+
+def check_out_state(args: argparse.Namespace) -> tuple[bool, bool]:
+    """``(finished, started)`` for ``--out``; exits 2 when the flags do not fit that state."""
+    out = Path(args.out)
+    if files.is_busy(out):
+        fail(f"another process is running in {out} (it holds {out / files.LOCK_NAME}): wait for it "
+             "to end, or stop it first")
+    finished = (out / "results.json").exists()
+    started = (out / "config.json").exists() or (out / "checkpoints").exists()
+    if args.resume and not (finished or started):
+        fail(f"--resume: nothing to resume in {out} (no config.json or checkpoints there); "
+             "run without --resume to start")
+    if not (args.resume or args.overwrite):
+        if finished:
+            fail(f"{out} already holds results (results.json); choose another --out or pass "
+                 "--overwrite")
+        if started:
+            fail(f"{out} holds an interrupted run (config.json but no results.json): pass "
+                 "--resume to continue it or --overwrite to start again")
+    return finished, started
+
+
+def start(args: argparse.Namespace) -> Path:
+    """Prepares ``--out`` and writes config.json, or checks it on ``--resume``.
+
+    * a new (or unrelated) folder: a fresh run;
+    * a finished run (results.json): needs ``--overwrite``, which removes its
+      results, metrics and checkpoints first; with ``--resume`` and the same
+      flags there is nothing to do (exit 0);
+    * an interrupted run (config.json or checkpoints, no results.json): needs
+      ``--resume`` (same flags) or ``--overwrite``.
+
+    Every refusal is one line on stderr and exit code 2.
+    """
+    out = Path(args.out)
+    finished, started = check_out_state(args)
+    if out.is_dir():
+        _lock(out)
+    if args.resume:
+        if not (out / "config.json").exists():
+            fail(f"--resume: {out} holds checkpoints but no config.json, so they cannot be "
+                 "checked against the flags: pass --overwrite to start again")
+        changes = _config_changes(out, args)
+        if finished:
+            print(f"{out} already holds the finished results of this run (results.json): "
+                  "nothing to resume", file=sys.stderr)
+            raise SystemExit(0)
+        if changes:
+            saved = json.loads((out / "config.json").read_text())
+            log = saved.get(RESUME_LOG, [])
+            for key, old, new in changes:
+                saved[key] = new
+                log.append({"flag": flag_name(key), "old": old, "new": new})
+                print(f"warning: resuming with {flag_name(key)}={new!r} (the run used {old!r}): "
+                      "what is computed from here on is no longer bit-for-bit what an "
+                      "uninterrupted run computes", file=sys.stderr)
+            saved[RESUME_LOG] = log
+            files.write_json(out / "config.json", saved)
+        print(f"resuming the run in {out} from its checkpoints", file=sys.stderr)
+        return out
+    if args.overwrite and (finished or started):
+        _wipe(out)
+    try:
+        out = files.prepare_out_dir(out, overwrite=args.overwrite)
+    except (files.OutputExistsError, PermissionError) as err:
+        fail(str(err))
+    _lock(out)
+    files.write_json(out / "config.json", vars(args))
+    return out
+
+
+def _lock(out: Path) -> None:
+    try:
+        files.lock_dir(out)
+    except files.DirectoryBusyError as err:
+        fail(str(err))
+    except OSError as err:
+        fail(f"cannot use {out}: {err}; choose another --out")
+
+
+def checkpoint_dir(args: argparse.Namespace) -> Path:
+    """``OUT/checkpoints``."""
+    return Path(args.out).absolute() / "checkpoints"
+
+
+def slug(name: str) -> str:
+    """A folder name for a phase or pruning call."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(name)).strip("-") or "phase"
+
+
+def save_checkpoint(args: argparse.Namespace, path, tree) -> None:
+    """Saves an output checkpoint (dense, pruned, final, ...).
+
+    On ``--resume`` one that already exists was written by this run before it
+    was interrupted (the computation is deterministic), so it is kept.
+    """
+    path = Path(path)
+    if args.resume and path.exists():
+        return
+    checkpoints.save(path, tree, overwrite=args.overwrite)
+
+
+def remember(args: argparse.Namespace, name: str, compute, inputs) -> Any:
+    """``compute()``, recorded in ``checkpoints/values.json``; on ``--resume`` read back.
+
+    For values that are costly to recompute on a resume (a full test-set
+    evaluation). ``inputs`` (a pytree) must be what the value depends on: the
+    stored value is used only when their sha256 matches.
+    """
+    path = checkpoint_dir(args) / "values.json"
+    digest = checkpoints.tree_digest(inputs)
+
+    def read() -> dict:
+        try:
+            saved = json.loads(path.read_text())
+            return saved if isinstance(saved, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    if args.resume:
+        entry = read().get(name)
+        if isinstance(entry, dict) and entry.get("inputs_sha256") == digest:
+            return entry["value"]
+    value = compute()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, {**read(), name: {"inputs_sha256": digest, "value": value}})
+    return value

@@ -1,0 +1,138 @@
+"""Pruning in the experiments: ``--pruner`` given what its registry entry needs, checkpointed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+
+from sfpk_jax.data import particle_loader
+from sfpk_jax.harness.flags import fail, sfpk_config
+from sfpk_jax.harness.outdir import DAMAGED, checkpoint_dir, slug
+from sfpk_jax.parallel.sharding import default_mesh
+from sfpk_jax.pruners import PruneResult, prune, spec
+from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
+from sfpk_jax.sfpk.state import SFPKResult, Trace
+from sfpk_jax.storage import checkpoints
+from sfpk_jax.train import make_loss_fn
+
+
+class Pruned(NamedTuple):
+    """One pruning call: the masks, the pruner's whole result and its wall time."""
+
+    masks: Any
+    result: Any
+    seconds: float
+
+
+def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None,
+                seed_offset: int = 0, name: str | None = None) -> Pruned:
+    """Runs ``--pruner`` on the dense (or fine-tuned) model.
+
+    The result (masks; for a particle simulation such as SFPK also scores,
+    particles and trace) is checkpointed under ``OUT/checkpoints/prune-<name>``
+    and restored on ``--resume``; an SFPK simulation itself is checkpointed
+    every ``--checkpoint-every`` steps under ``OUT/checkpoints/sfpk-<name>``
+    and resumed from there.
+
+    Args:
+      args: the parsed flags.
+      bundle: the dataset.
+      apply_fn: the model's apply function.
+      variables: the model's variables (``params`` are pruned).
+      sparsity: the fraction of prunable weights to remove.
+      init: an earlier simulation result to continue from (gradual pruning).
+      seed_offset: added to ``--seed`` for the pruning batches.
+      name: the checkpoint folders' name (default: pruner, sparsity, seed and
+        ``seed_offset``); unique within a run.
+
+    Returns:
+      The masks, the result and the seconds pruning took (those of the first
+      run when restored).
+    """
+    method = args.pruner
+    simulation = spec(method).simulation
+    name = slug(name or f"{method}-{sparsity:g}-seed{args.seed}-{seed_offset}")
+    fingerprint = {
+        "pruner": method, "sparsity": sparsity, "seed": args.seed, "seed_offset": seed_offset,
+        "variables_sha256": checkpoints.tree_digest(variables),
+        "init_sha256": None if init is None else checkpoints.tree_digest(
+            (init.particles, init.scores)),
+    }
+    with checkpoints.Series(checkpoint_dir(args) / f"prune-{name}") as series:
+        if args.resume:
+            try:
+                if series.latest() is not None:
+                    state, record = series.restore(series.latest())
+                    diffs = checkpoints.differences(record.get("fingerprint", {}), fingerprint)
+                    if diffs:
+                        fail(f"--resume: the pruning checkpoint {series.directory} is not from "
+                             f"this run: {'; '.join(diffs)}. Resume with the run's flags and "
+                             "inputs, or pass --overwrite to start again")
+                    if simulation:
+                        result = SFPKResult(state["masks"], state["scores"], state["particles"],
+                                            _restored_trace(state["trace"]))
+                    else:
+                        result = PruneResult(state["masks"])
+                    return Pruned(result.masks, result, float(record["seconds"]))
+            except checkpoints.CheckpointError as err:
+                fail(f"--resume: {err}; {DAMAGED}")
+        pruned = _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
+        tree = {"masks": pruned.masks}
+        if simulation:
+            tree.update(scores=pruned.result.scores, particles=pruned.result.particles,
+                        trace=dict(pruned.result.trace))
+        series.save(0, tree, {"fingerprint": fingerprint, "seconds": pruned.seconds})
+    return pruned
+
+
+def _restored_trace(saved: dict) -> Trace:
+    """A checkpointed trace; those written before the rename hold ``sparsity`` for ``density``."""
+    trace = Trace(saved)
+    if "sparsity" in trace:
+        trace["density"] = trace.pop("sparsity")
+    return trace
+
+
+def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name) -> Pruned:
+    """Prunes once, giving the pruner what its :class:`sfpk_jax.pruners.PrunerSpec` asks for."""
+    method = args.pruner
+    needs = spec(method)
+    particles = args.particles if needs.particles is None else needs.particles
+    options: dict[str, Any] = {}
+    if needs.simulation:
+        options = {"config": sfpk_config(args), "init": init,
+                   "checkpoint": CheckpointPolicy(checkpoint_dir(args) / f"sfpk-{name}",
+                                                  args.checkpoint_every, args.resume)}
+        if args.particle_mode == "shard" and args.mesh_batch > 1:
+            options["mesh"] = default_mesh(particles, args.mesh_batch)
+    if needs.needs_logits:
+        # Training mode, as the official code runs GraSP and SynFlow (batch statistics).
+        options["logits_fn"] = lambda p, x: apply_fn({**variables, "params": p}, x, True)[0]
+    if needs.needs_input_shape:
+        options["input_shape"] = bundle.image_shape
+    if "iterations" in needs.options:
+        options["iterations"] = args.synflow_iterations
+    batches = None
+    if needs.needs_data:
+
+        def stream(start: int = 0):
+            return particle_loader(bundle.train, particles, args.prune_batch_size,
+                                   transform=bundle.train_transform,
+                                   seed=args.seed + seed_offset, start=start)
+
+        # A simulation takes the batches as a function of the first step, so
+        # that a resumed one reads from there without replaying the others.
+        batches = stream if needs.simulation else stream()
+    t0 = time.perf_counter()
+    try:
+        result = prune(method, make_loss_fn(apply_fn, variables), variables["params"], batches,
+                       sparsity, scope=args.scope, key=jax.random.key(args.seed),
+                       mask_dim=args.mask_dim, **options)
+    except FloatingPointError as err:
+        fail(f"pruning with {method} diverged: {err}")
+    except ResumeError as err:
+        fail(str(err))
+    jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
+    return Pruned(result.masks, result, time.perf_counter() - t0)

@@ -1,0 +1,88 @@
+"""What a run writes about its results: metrics.csv, mask summaries, plots and results.json."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from sfpk_jax.storage import files
+from sfpk_jax.tools import plots
+from sfpk_jax.tools.report import density_report
+
+
+class Metrics:
+    """Per-epoch rows, rewritten atomically to ``metrics.csv`` after every epoch.
+
+    ``found`` holds the rows an interrupted run left in the file (read when
+    the object is made), so a resumed run can tell a deleted checkpoint from
+    a phase that never started.
+    """
+
+    def __init__(self, path: Path):
+        self.path, self.rows = Path(path), []
+        self.found = self._read()
+
+    def _read(self) -> list[dict]:
+        try:
+            with self.path.open(newline="") as f:
+                return list(csv.DictReader(f))
+        except (OSError, csv.Error, UnicodeDecodeError):
+            return []
+
+    def add(self, **row) -> None:
+        """Appends one row (an epoch's) and rewrites the file."""
+        self.rows.append(row)
+        self._write()
+
+    def restore(self, rows: list[dict]) -> None:
+        """Replaces the rows (those of a restored checkpoint) and rewrites the file."""
+        self.rows = [dict(r) for r in rows]
+        self._write()
+
+    def _write(self) -> None:
+        if not self.rows:
+            return
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
+        writer.writeheader()
+        writer.writerows(self.rows)
+        files.write_text(self.path, text.getvalue())
+
+
+def mask_digest(masks) -> str:
+    """sha256 of the 0/1 masks in canonical (sorted-path) order."""
+    flat = jax.tree_util.tree_flatten_with_path(masks)[0]
+    h = hashlib.sha256()
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf) != 0).tobytes())
+    return h.hexdigest()
+
+
+def mask_results(masks, params) -> dict[str, Any]:
+    """``density`` (kept weights overall), ``density_per_layer`` and ``mask_digest``."""
+    report = density_report(masks, params)
+    return {"density": report.density,
+            "density_per_layer": {row.path: row.density for row in report.layers},
+            "mask_digest": mask_digest(masks)}
+
+
+def summarize(accs: list[float], last: int = 5) -> dict[str, float]:
+    """``final_acc`` (mean of the last ``last`` epochs, or all) and ``best_acc``."""
+    return {"final_acc": float(np.mean(accs[-last:])), "best_acc": float(np.max(accs))}
+
+
+def write_outputs(out: Path, results: dict, metrics: Metrics, masks=None, traces=None) -> None:
+    """Plots, then results.json last (its presence marks a finished run)."""
+    plots.accuracy_over_epochs(metrics.rows, str(out / "accuracy.png"))
+    if masks is not None:
+        plots.layer_density(results["density_per_layer"], str(out / "density_per_layer.png"))
+    if traces:
+        plots.sfpk_trace(traces, str(out / "sfpk_trace.png"))
+    files.write_json(out / "results.json", results)

@@ -1,0 +1,245 @@
+"""Data, model and the checkpointed training loop of the experiments."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import optax
+from tqdm.auto import tqdm
+
+from sfpk_jax.core.masks import MaskLayout, apply_masks
+from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load
+from sfpk_jax.data.pipeline import read_batch
+from sfpk_jax.harness.flags import fail, flag_name
+from sfpk_jax.harness.outdir import (
+    DAMAGED,
+    checkpoint_dir,
+    save_checkpoint,
+    slug,
+    start,
+)
+from sfpk_jax.harness.results import Metrics
+from sfpk_jax.models import build
+from sfpk_jax.parallel import sharding
+from sfpk_jax.storage import checkpoints
+from sfpk_jax.train import (
+    evaluate_batches,
+    recompute_batch_stats,
+    sgd_cosine,
+    train_epoch,
+)
+
+# Training and test examples that --smoke keeps.
+SMOKE_EXAMPLES = (256, 128)
+
+
+class _Subset:
+    """The first ``size`` examples of a source (``--smoke``)."""
+
+    def __init__(self, source, size: int):
+        self.source, self.size = source, min(size, len(source))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int):
+        return self.source[index]
+
+    def read_batch(self, indices):
+        return read_batch(self.source, indices)
+
+
+def open_data(args: argparse.Namespace) -> DataBundle:
+    """The dataset, or exit 2 with what was looked for and how to provide it."""
+    try:
+        bundle = load(args.dataset, args.data_dir)
+    except DatasetNotFoundError as err:
+        fail(str(err))
+    if args.smoke:
+        bundle = bundle._replace(train=_Subset(bundle.train, SMOKE_EXAMPLES[0]),
+                                 test=_Subset(bundle.test, SMOKE_EXAMPLES[1]))
+    for name in ("batch_size", "prune_batch_size"):
+        if getattr(args, name) > len(bundle.train):
+            fail(f"{flag_name(name)}={getattr(args, name)} is not allowed: expected at most the "
+                 f"{len(bundle.train)} training examples of --dataset={args.dataset}")
+    return bundle
+
+
+def build_model(args: argparse.Namespace, bundle: DataBundle):
+    """``(apply_fn, variables)`` for ``--model`` on the dataset's shapes."""
+    apply_fn, variables = build(args.model, num_classes=bundle.num_classes,
+                                key=jax.random.key(args.seed), input_shape=(1, *bundle.image_shape))
+    try:
+        MaskLayout.from_params(variables["params"], None, args.mask_dim)
+    except ValueError as err:
+        fail(f"--model={args.model}: {err}")
+    return apply_fn, variables
+
+
+class Setup(NamedTuple):
+    """What :func:`setup` prepares: data, output folder, metrics file and the fresh model."""
+
+    bundle: DataBundle
+    out: Path
+    metrics: Metrics
+    apply_fn: Any
+    variables: dict
+
+
+def setup(args: argparse.Namespace) -> Setup:
+    """Data, fresh model, then the output folder (config.json) and metrics file.
+
+    The data and the model come first so that a missing dataset or an
+    unusable model stops the run before anything is written.
+    """
+    bundle = open_data(args)
+    apply_fn, variables = build_model(args, bundle)
+    out = start(args)
+    return Setup(bundle, out, Metrics(out / "metrics.csv"), apply_fn, variables)
+
+
+def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int,
+            accumulate: int = 1) -> tuple[Loader, Loader]:
+    """Training (shuffled, augmented) and test (in order) loaders.
+
+    With gradient accumulation the training loader yields micro-batches of
+    ``batch_size / accumulate``, so each optimizer step still sees ``batch_size``.
+    """
+    train = Loader(bundle.train, args.batch_size // accumulate, transform=bundle.train_transform,
+                   seed=seed)
+    test = Loader(bundle.test, min(256, len(bundle.test)), transform=bundle.eval_transform,
+                  seed=seed, shuffle=False, drop_last=False)
+    return train, test
+
+
+def optimizer(args: argparse.Namespace, epochs: int, steps_per_epoch: int, accumulate: int = 1):
+    """The flags' recipe (:func:`sfpk_jax.train.sgd_cosine`), stepping every ``accumulate`` batches.
+
+    Args:
+      args: the parsed flags (``add_recipe_flags``).
+      epochs: the phase's epochs; the warm-up is cut to fit them.
+      steps_per_epoch: training (micro-)batches per epoch.
+      accumulate: micro-batches whose gradients make one optimizer step.
+
+    Returns:
+      The optax transformation.
+    """
+    tx = sgd_cosine(args.lr, epochs, max(1, steps_per_epoch // accumulate),
+                    momentum=args.momentum, weight_decay=args.weight_decay,
+                    warmup_epochs=min(args.warmup_epochs, epochs - 1),
+                    warmup_start=args.warmup_start)
+    return optax.MultiSteps(tx, accumulate) if accumulate > 1 else tx
+
+
+def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metrics, phase: str,
+        accumulate: int = 1, seed_offset: int = 0):
+    """Trains ``epochs`` epochs (masks held fixed), evaluating after each.
+
+    Every epoch is checkpointed (variables, optimizer state, accuracies and
+    metrics rows so far; the last two epochs kept) under
+    ``OUT/checkpoints/train-<phase>``. With ``--resume`` the latest epoch is
+    restored and training continues at the next one (the data order of epoch
+    e depends only on the seed and e), so the result is bit-for-bit that of
+    an uninterrupted run; a finished phase is just restored.
+
+    Returns:
+      The trained variables and the list of per-epoch test accuracies.
+    """
+    train, test = loaders(args, bundle, args.seed + seed_offset, accumulate)
+    tx = optimizer(args, epochs, len(train), accumulate)
+    if masks is not None:
+        variables = {**variables, "params": apply_masks(variables["params"], masks)}
+    opt_state = tx.init(variables["params"])
+    mesh = sharding.particle_mesh() if args.data_parallel else None
+    fingerprint = {
+        "phase": phase, "epochs": epochs, "steps_per_epoch": len(train),
+        "accumulate": accumulate, "seed": args.seed + seed_offset,
+        "masks_sha256": None if masks is None else checkpoints.tree_digest(masks),
+        "start_sha256": checkpoints.tree_digest(variables),
+    }
+    accs, first = [], 1
+    with checkpoints.Series(checkpoint_dir(args) / f"train-{slug(phase)}") as series:
+        try:
+            latest = series.latest()
+            if latest is not None and not args.resume:
+                fail(f"{series.directory} already holds checkpoints: is the phase name "
+                     f"{phase!r} used twice in one run?")
+            if latest is not None:
+                state, record = series.restore(latest, {"variables": variables,
+                                                        "opt_state": opt_state})
+                diffs = checkpoints.differences(record.get("fingerprint", {}), fingerprint)
+                if diffs:
+                    fail(f"--resume: checkpoint {series.directory / str(latest)} is not from this "
+                         f"run's phase {phase!r}: {'; '.join(diffs)}. Resume with the run's "
+                         "flags and inputs, or pass --overwrite to start again")
+                variables, opt_state = state["variables"], state["opt_state"]
+                accs, first = list(record["accs"]), latest + 1
+                metrics.restore(record["rows"])
+            elif args.resume and any(r.get("phase") == phase for r in metrics.found):
+                fail(f"--resume: the checkpoints of phase {phase!r} are missing from "
+                     f"{series.directory}, though metrics.csv records epochs of it: pass "
+                     "--overwrite to start the run again")
+        except checkpoints.CheckpointError as err:
+            fail(f"--resume: {err}; {DAMAGED}")
+        bar = tqdm(range(first, epochs + 1), initial=first - 1, total=epochs, desc=phase,
+                   disable=args.no_progress)
+        for epoch in bar:
+            try:
+                variables, opt_state, loss = train_epoch(
+                    apply_fn, variables, opt_state, train.epoch(epoch), optimizer=tx, masks=masks,
+                    label_smoothing=args.label_smoothing, epoch=epoch,
+                    progress=not args.no_progress, desc=phase, mesh=mesh,
+                )
+            except FloatingPointError as err:
+                fail(_diverged(args, phase, epoch, err, series.directory))
+            accs.append(evaluate_batches(apply_fn, variables, test.epoch(0)))
+            row = {"phase": phase, "epoch": epoch, "train_loss": round(loss, 6),
+                   "test_acc": accs[-1]}
+            # The checkpoint first: a metrics row on disk always has one.
+            series.save(epoch, {"variables": variables, "opt_state": opt_state},
+                        {"fingerprint": fingerprint, "accs": accs, "rows": [*metrics.rows, row]})
+            metrics.add(**row)
+            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accs[-1]:.4f}")
+    return variables, accs
+
+
+def _diverged(args, phase: str, epoch: int, err: Exception, directory: Path) -> str:
+    """The one-line message for a NaN/Inf training loss."""
+    if epoch > 1:
+        saved = f"the end of epoch {epoch - 1}, checkpointed in {directory / str(epoch - 1)}"
+    else:
+        saved = "none in this phase yet (a resume restarts the phase from its beginning)"
+    lr = ("--lr (or --pretrain-lr for the dense models)" if hasattr(args, "pretrain_lr")
+          else f"--lr (now {args.lr:g})")
+    return (f"training diverged in phase {phase!r}: {err}. Last good state: {saved}. To "
+            f"continue from it, rerun with --resume and a smaller {lr}: --resume allows "
+            "changing the learning rate. Or start again with --overwrite and a smaller --lr "
+            "or more --warmup-epochs")
+
+
+def dense_model(args, bundle, apply_fn, variables, out: Path, metrics: Metrics):
+    """The trained dense model: from ``--dense-checkpoint`` or pretrained here."""
+    if args.dense_checkpoint:
+        try:
+            restored = checkpoints.restore(args.dense_checkpoint, variables)
+        except (FileNotFoundError, ValueError) as err:
+            fail(f"--dense-checkpoint: {err}")
+        return restored
+    if args.pretrain_epochs < 1:
+        fail("no dense model: pass --dense-checkpoint PATH (from experiments.pretrain) "
+             "or --pretrain-epochs N to train one here")
+    variables, _ = fit(apply_fn, variables, args, bundle, epochs=args.pretrain_epochs,
+                       metrics=metrics, phase="pretrain", seed_offset=1000)
+    save_checkpoint(args, out / "checkpoints" / "dense", variables)
+    return variables
+
+
+def recompute_bn(args, bundle, apply_fn, variables, masks):
+    """The masked model with batch-norm statistics re-estimated (spec: after voting)."""
+    masked = {**variables, "params": apply_masks(variables["params"], masks)}
+    train, _ = loaders(args, bundle, args.seed + 7)
+    batches = (b for _, b in zip(range(args.bn_batches), train.epoch(0)))
+    return recompute_batch_stats(apply_fn, masked, batches)

@@ -1,0 +1,115 @@
+"""Exporting a pruned model: masked parameters and their masks in one safetensors file.
+
+Tensors are named by the parameters' '/'-joined paths: ``params/<path>``
+holds the masked parameter, ``masks/<path>`` its mask (pruned leaves only).
+:func:`load_masked` reads them back into a params tree of the same model
+(Linen ``params``, an NNX ``nnx.State``, or an Equinox model's array part).
+The file is written atomically and never over an existing one unless asked.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import safetensors
+import safetensors.numpy
+
+from sfpk_jax.core.masks import apply_masks, path_to_str
+from sfpk_jax.storage import files
+
+PyTree = Any
+
+FORMAT = "sfpk-jax masked params"
+PARAMS, MASKS = "params/", "masks/"
+
+
+def _named_leaves(tree: PyTree) -> list[tuple[str, Any]]:
+    return [(path_to_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]]
+
+
+def save_masked(path: str | os.PathLike, params: PyTree, masks: PyTree, *,
+                overwrite: bool = False) -> None:
+    """Writes ``apply_masks(params, masks)`` and ``masks`` to a safetensors file.
+
+    Args:
+      path: the file to write.
+      params: the parameters (any pytree of arrays).
+      masks: their mask tree (``None`` at leaves that are not pruned).
+      overwrite: replace an existing file.
+
+    Raises:
+      FileExistsError: ``path`` exists and ``overwrite`` is False.
+      ValueError: a parameter holds NaN or Inf (named), or the masks do not
+        mirror the params.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
+    masked = apply_masks(params, masks)
+    tensors = {}
+    for name, leaf in _named_leaves(masked):
+        array = np.asarray(leaf)
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"parameter {name} holds NaN or Inf values; a pruned model with "
+                             "non-finite weights is not exported")
+        tensors[PARAMS + name] = np.ascontiguousarray(array)
+    treedef = jax.tree_util.tree_structure(params)
+    for (name, _), mask in zip(_named_leaves(params), treedef.flatten_up_to(masks)):
+        if mask is not None:
+            tensors[MASKS + name] = np.ascontiguousarray(np.asarray(mask))
+    files.write_bytes(path, safetensors.numpy.save(tensors, metadata={"format": FORMAT}))
+
+
+def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
+    """Reads a file of :func:`save_masked` into the structure of ``like``.
+
+    Args:
+      path: the safetensors file.
+      like: a params tree of the same model (e.g. freshly initialised): it
+        gives the structure, and every leaf's shape and dtype must match.
+
+    Returns:
+      ``(params, masks)``, both with the structure of ``like`` (``None`` in
+      ``masks`` where the file has no mask).
+
+    Raises:
+      FileNotFoundError: no file at ``path``.
+      ValueError: not such a file, or a parameter is missing, extra or of
+        another shape or dtype (named).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path}")
+    try:
+        with safetensors.safe_open(str(path), framework="numpy") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (OSError, safetensors.SafetensorError) as err:
+        raise ValueError(f"{path} is not a readable safetensors file ({err})") from None
+    if metadata.get("format") != FORMAT:
+        raise ValueError(f"{path} was not written by sfpk_jax.tools.export.save_masked "
+                         f"(metadata {metadata}); load plain weights with safetensors instead")
+    named = _named_leaves(like)
+    expected = {PARAMS + name for name, _ in named}
+    extra = sorted(k for k in tensors if k.startswith(PARAMS) and k not in expected)
+    if extra:
+        raise ValueError(f"{path} holds parameters this model does not have: {extra[:5]}")
+    params, masks = [], []
+    for name, leaf in named:
+        key = PARAMS + name
+        if key not in tensors:
+            raise ValueError(f"{path} has no parameter {name}: is it from another model?")
+        value = tensors[key]
+        if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
+            raise ValueError(f"parameter {name} in {path} is {value.dtype}{list(value.shape)}, "
+                             f"the model's is {np.asarray(leaf).dtype}{list(np.shape(leaf))}")
+        params.append(jnp.asarray(value))
+        mask = tensors.get(MASKS + name)
+        masks.append(None if mask is None else jnp.asarray(mask))
+    treedef = jax.tree_util.tree_structure(like)
+    return jax.tree_util.tree_unflatten(treedef, params), jax.tree_util.tree_unflatten(treedef, masks)

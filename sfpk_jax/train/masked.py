@@ -1,0 +1,112 @@
+"""Masked training as an optax transformation: pruned weights stay exactly 0.
+
+``keep_masked(inner, masks)`` is used like any optax optimizer in the user's
+own loop. It zeroes the gradient of pruned entries before ``inner`` sees it
+(so momentum and Adam moments never build up there), then projects the
+update so that ``params + update`` is exactly 0 at pruned entries, whatever
+``inner`` did (weight decay, Adam's epsilon, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from sfpk_jax.core.masks import path_to_str
+
+PyTree = Any
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def masks_by_path(params: PyTree, masks: PyTree) -> dict[str, Any]:
+    """The masks keyed by their parameters' paths, checked against ``params``.
+
+    Matching by path rather than by tree structure lets the same masks serve
+    wherever the params come in another wrapping: NNX passes the optimizer
+    plain arrays where the masks hold ``nnx.Param`` variables.
+
+    Args:
+      params: the parameter pytree.
+      masks: a tree mirroring ``params``, an array at each pruned leaf and
+        ``None`` elsewhere.
+
+    Returns:
+      ``{path: mask}`` for the pruned leaves.
+
+    Raises:
+      ValueError: naming the first leaf of ``params`` that the masks lack, a
+        mask with no parameter, or a mask that does not broadcast against its
+        parameter without changing its shape.
+    """
+    shapes = {path_to_str(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
+    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
+    named = {path_to_str(p): m for p, m in flat}
+    for name in shapes:
+        if name not in named:
+            raise ValueError(
+                f"the masks have no leaf {name or '<root>'} of the params: build the masks from "
+                "the same params tree (None at leaves that are not pruned)")
+    by_path = {}
+    for name, m in named.items():
+        if m is None:
+            continue
+        if name not in shapes:
+            raise ValueError(f"the masks hold {name or '<root>'}, which the params do not have")
+        pshape, mshape = shapes[name], np.shape(m)
+        if len(mshape) != len(pshape) or any(b not in (1, a) for a, b in zip(pshape, mshape)):
+            raise ValueError(
+                f"the mask of {name} has shape {mshape}, which does not broadcast to the "
+                f"parameter's shape {pshape} (same rank, each axis equal or 1)")
+        by_path[name] = m
+    return by_path
+
+
+def keep_masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
+    """``inner`` with pruned entries held at exactly 0.
+
+    Args:
+      inner: any optax transformation (SGD, Adam, a chain with weight decay,
+        ``optax.MultiSteps`` inside or outside, ...).
+      masks: a mask tree mirroring the params (0/1 arrays that broadcast over
+        their parameters, ``None`` at leaves that are not pruned), as returned
+        by :func:`sfpk_jax.sfpk_prune` or any pruner. Leaves are matched by
+        path, so masks of an NNX ``State`` also fit the plain arrays that
+        ``nnx.Optimizer`` passes.
+
+    Returns:
+      A transformation whose state is ``inner``'s. Its ``update`` needs
+      ``params``; after ``optax.apply_updates`` every pruned entry is 0, from
+      the first update on.
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def init(params):
+        masks_by_path(params, masks)
+        return inner.init(params)
+
+    def mask_each(fn, tree, *rest):
+        by_path = masks_by_path(tree, masks)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x, *r: fn(by_path.get(path_to_str(path)), x, *r), tree, *rest)
+
+    def update(updates, state, params=None, **extra):
+        if params is None:
+            raise ValueError("keep_masked needs params in update(updates, state, params): it "
+                             "sets params + update to 0 at pruned entries")
+        # No gradient at pruned entries, so momentum and Adam's moments stay 0 there.
+        grads = mask_each(lambda m, g: g if m is None else g * jnp.asarray(m, g.dtype), updates)
+        updates, state = inner.update(grads, state, params, **extra)
+        # -p, not 0: params + update is then exactly 0, even if p was not.
+        projected = mask_each(
+            lambda m, u, p: u if m is None else jnp.where(jnp.asarray(m) != 0, u, -p).astype(u.dtype),
+            updates, params)
+        return projected, state
+
+    return optax.GradientTransformationExtraArgs(init, update)

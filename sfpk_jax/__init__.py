@@ -71,10 +71,10 @@ __all__ = [
     "save_masked",
     "sfpk_prune",
     "sfpk_update",
-    "spode_config",
-    "spode_prune",
     "split_equinox",
     "split_nnx",
+    "spode_config",
+    "spode_prune",
 ]
 
 __version__ = "0.1.0"

@@ -9,7 +9,14 @@ import pytest
 from sfpk_jax.core.masks import ones_like_masks
 from sfpk_jax.data import load_digits
 from sfpk_jax.models import build
-from sfpk_jax.train import evaluate, lr_schedule, make_loss_fn, sgd_cosine, train
+from sfpk_jax.train import (
+    evaluate,
+    lr_schedule,
+    make_loss_fn,
+    sgd_cosine,
+    train,
+    train_epoch,
+)
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +146,23 @@ def test_sgd_cosine_weight_decay_and_momentum():
 def test_invalid_warmup():
     with pytest.raises(ValueError, match="warmup_epochs"):
         sgd_cosine(0.01, epochs=5, steps_per_epoch=10, warmup_epochs=5)
+
+
+def test_overflowed_weights_stop_training_even_when_the_loss_is_finite():
+    """A loss that is still finite over weights that have overflowed is caught in the step."""
+    apply_fn, variables = build("small_cnn", num_classes=10, key=jax.random.key(0))
+    data = load_digits()
+    batch = {"image": data.x_train[:32], "label": data.y_train[:32]}
+    # A learning rate of 1e30: the weights overflow before the loss turns NaN.
+    tx = optax.sgd(1e30)
+    with pytest.raises(FloatingPointError, match=r"non-finite .*model variables.* at epoch 3, step"):
+        train_epoch(apply_fn, variables, tx.init(variables["params"]), [batch] * 20,
+                    optimizer=tx, epoch=3)
+
+
+def test_evaluation_refuses_non_finite_outputs():
+    apply_fn, variables = build("small_cnn", num_classes=10, key=jax.random.key(0))
+    data = load_digits()
+    broken = {**variables, "params": jax.tree.map(lambda p: p * jnp.inf, variables["params"])}
+    with pytest.raises(FloatingPointError, match="NaN or Inf on"):
+        evaluate(apply_fn, broken, data.x_test, data.y_test)

@@ -243,6 +243,20 @@ class MaskLayout:
         return jax.tree_util.tree_unflatten(self.treedef, full)
 
 
+def check_mask_shape(name: str, param_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
+    """Raises unless a mask of ``mask_shape`` broadcasts over ``param_shape`` keeping it.
+
+    Same rank, each axis equal or 1: so a stack of particles, a scalar or a
+    transposed mask is refused rather than silently reshaping the parameter.
+    """
+    if len(mask_shape) != len(param_shape) or any(
+            b not in (1, a) for a, b in zip(param_shape, mask_shape)):
+        raise ValueError(
+            f"the mask of {name or '<root>'} has shape {tuple(mask_shape)}, which does not "
+            f"broadcast to the parameter's shape {tuple(param_shape)} (same rank, each axis "
+            "equal or 1): pass the masks of these params (e.g. result.masks, not particles)")
+
+
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Multiplies each prunable parameter by its mask (broadcasting).
 
@@ -252,17 +266,24 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
         ``None`` elsewhere (as returned by :func:`sfpk_jax.sfpk_prune`).
 
     Returns:
-      The masked parameters, same structure and dtypes as ``params``.
+      The masked parameters, same structure, shapes and dtypes as ``params``.
+
+    Raises:
+      ValueError: the trees differ, or a mask does not broadcast over its
+        parameter without changing its shape (the leaf is named).
     """
 
-    def mul(m, p):
+    def mul(path, m, p):
         if m is None:
             return p
+        check_mask_shape(path_to_str(path), np.shape(p), np.shape(m))
         return p * jnp.asarray(m, dtype=p.dtype)
 
     try:
-        return jax.tree.map(mul, masks, params, is_leaf=_is_none)
-    except ValueError as err:
+        return jax.tree_util.tree_map_with_path(mul, masks, params, is_leaf=_is_none)
+    except (ValueError, TypeError) as err:
+        if "broadcast to the parameter" in str(err):
+            raise
         raise ValueError(
             "masks do not mirror params: build them from the same params tree "
             f"(use None for leaves that are not pruned). Details: {err}"

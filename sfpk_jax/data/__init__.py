@@ -24,7 +24,7 @@ from sfpk_jax.data.augment import (
 )
 from sfpk_jax.data.cifar import load_cifar
 from sfpk_jax.data.digits import Dataset, load_digits
-from sfpk_jax.data.errors import DatasetNotFoundError
+from sfpk_jax.data.errors import DatasetNotFoundError, InvalidDatasetError
 from sfpk_jax.data.imagenet import ImageNet, load_imagenet
 from sfpk_jax.data.pipeline import (
     ArraySource,
@@ -42,6 +42,7 @@ __all__ = [
     "Dataset",
     "DatasetNotFoundError",
     "ImageNet",
+    "InvalidDatasetError",
     "Loader",
     "RandomAccessSource",
     "TfdsSource",

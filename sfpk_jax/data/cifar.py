@@ -17,8 +17,9 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from sfpk_jax.data.checks import check_labels, check_not_empty, check_pixels
 from sfpk_jax.data.digits import Dataset
-from sfpk_jax.data.errors import DatasetNotFoundError
+from sfpk_jax.data.errors import DatasetNotFoundError, InvalidDatasetError
 from sfpk_jax.data.tfds_source import TfdsSource, open_tfds, tfds_prepare_command
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
@@ -75,14 +76,16 @@ class _ArrayUnpickler(pickle.Unpickler):
         return super().find_class(module, name)
 
 
-def _read_pickle(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Reads one batch file into NHWC uint8 images and int32 labels."""
+def _read_pickle(path: str, label_key: bytes, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reads one batch file into NHWC uint8 images and int32 labels, checking their values."""
     try:
         with open(path, "rb") as f:
             # The original files were pickled by Python 2: keys come back as bytes.
             batch = _ArrayUnpickler(f, encoding="bytes").load()
-        data = np.asarray(batch[b"data"], dtype=np.uint8)
-        labels = np.asarray(batch[label_key], dtype=np.int32)
+        data = check_pixels(batch[b"data"], f"CIFAR batch file {path}")
+        labels = check_labels(batch[label_key], num_classes, f"CIFAR batch file {path}")
+    except InvalidDatasetError:
+        raise
     except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as err:
         raise DatasetNotFoundError(
             f"CIFAR batch file {path} is unreadable or truncated ({type(err).__name__}: {err}); "
@@ -99,8 +102,9 @@ def _read_pickle(path: str, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), labels
 
 
-def _read_pickles(folder: str, files: tuple[str, ...], label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    parts = [_read_pickle(os.path.join(folder, name), label_key) for name in files]
+def _read_pickles(folder: str, files: tuple[str, ...], label_key: bytes,
+                  num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    parts = [_read_pickle(os.path.join(folder, name), label_key, num_classes) for name in files]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
@@ -120,15 +124,18 @@ def _pickle_folder(layout: _PickleLayout, data_dir: str) -> str | None:
     return None
 
 
-def _read_tfds(source: TfdsSource) -> tuple[np.ndarray, np.ndarray]:
+def _read_tfds(source: TfdsSource, num_classes: int, where: str) -> tuple[np.ndarray, np.ndarray]:
     images = np.empty((len(source),) + IMAGE_SHAPE, np.uint8)
-    labels = np.empty((len(source),), np.int32)
+    labels = np.empty((len(source),), np.int64)
     for start in range(0, len(source), _TFDS_CHUNK):
         indices = range(start, min(start + _TFDS_CHUNK, len(source)))
-        for i, example in zip(indices, source.read_batch(indices)):
-            images[i] = example["image"]
-            labels[i] = example["label"]
-    return images, labels
+        examples = source.read_batch(indices)
+        chunk = f"{where} (examples from {start})"
+        images[start:start + len(indices)] = check_pixels(
+            np.stack([e["image"] for e in examples]), chunk)
+        labels[start:start + len(indices)] = check_labels([e["label"] for e in examples],
+                                                          num_classes, chunk)
+    return images, labels.astype(np.int32)
 
 
 def load_cifar(name: str, data_dir: str | os.PathLike[str]) -> Dataset:
@@ -163,10 +170,13 @@ def load_cifar(name: str, data_dir: str | os.PathLike[str]) -> Dataset:
                 f"CIFAR folder {folder} is incomplete: missing {', '.join(os.path.join(folder, n) for n in missing)}; "
                 f"extract {layout.url} again."
             )
-        return Dataset(
-            *_read_pickles(folder, layout.train_files, layout.label_key),
-            *_read_pickles(folder, layout.test_files, layout.label_key),
+        data = Dataset(
+            *_read_pickles(folder, layout.train_files, layout.label_key, NUM_CLASSES[name]),
+            *_read_pickles(folder, layout.test_files, layout.label_key, NUM_CLASSES[name]),
         )
+        check_not_empty(len(data.y_train), f"the train split in {folder}")
+        check_not_empty(len(data.y_test), f"the test split in {folder}")
+        return data
     try:
         train, test = open_tfds(name, "train", data_dir), open_tfds(name, "test", data_dir)
     except DatasetNotFoundError as err:
@@ -177,4 +187,7 @@ def load_cifar(name: str, data_dir: str | os.PathLike[str]) -> Dataset:
             f"or by preparing it once with TensorFlow installed (reading does not need it): "
             f"{tfds_prepare_command(name, data_dir)}"
         ) from err
-    return Dataset(*_read_tfds(train), *_read_tfds(test))
+    for split, source in (("train", train), ("test", test)):
+        check_not_empty(len(source), f"the {split} split of {name} in {data_dir}")
+    return Dataset(*_read_tfds(train, NUM_CLASSES[name], f"{name} train split in {data_dir}"),
+                   *_read_tfds(test, NUM_CLASSES[name], f"{name} test split in {data_dir}"))

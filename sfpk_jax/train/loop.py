@@ -22,10 +22,22 @@ from sfpk_jax.train.masked import keep_masked, masks_by_path
 PyTree = Any
 
 
+# Bit i of a training step's fault code: which part of the state was NaN or Inf.
+FAULTS = ("loss", "model variables", "optimizer state")
+
+
+def _not_finite(tree: PyTree) -> jax.Array:
+    """True when any floating-point leaf of ``tree`` holds a NaN or Inf."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return jnp.any(jnp.stack([~jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else jnp.bool_(False)
+
+
 @functools.partial(jax.jit, static_argnames=("apply_fn",))
-def _count_correct(apply_fn: ApplyFn, variables: dict, images: jax.Array, labels: jax.Array, valid: jax.Array) -> jax.Array:
+def _count_correct(apply_fn: ApplyFn, variables: dict, images: jax.Array, labels: jax.Array,
+                   valid: jax.Array) -> tuple[jax.Array, jax.Array]:
     logits, _ = apply_fn(variables, images, False)
-    return jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid)
+    bad = ~jnp.all(jnp.isfinite(logits), axis=-1) & valid
+    return jnp.sum((jnp.argmax(logits, axis=-1) == labels) & valid), jnp.sum(bad)
 
 
 def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
@@ -46,18 +58,24 @@ def evaluate_batches(apply_fn: ApplyFn, variables: dict, batches: Iterable[dict]
 
     Returns:
       The fraction of correctly classified examples.
+
+    Raises:
+      FloatingPointError: the outputs are NaN or Inf on some example.
     """
-    correct, seen, size = 0, 0, None
+    correct, bad, seen, size = 0, 0, 0, None
     for batch in batches:
         images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
         size = size or len(images)
         valid = np.arange(size) < len(images)
-        correct += int(
-            _count_correct(apply_fn, variables, _pad_to(images, size), _pad_to(labels, size), valid)
-        )
-        seen += len(images)
+        right, wrong = _count_correct(apply_fn, variables, _pad_to(images, size),
+                                      _pad_to(labels, size), valid)
+        correct, bad, seen = correct + int(right), bad + int(wrong), seen + len(images)
     if seen == 0:
         raise ValueError("evaluate_batches got no examples")
+    if bad:
+        raise FloatingPointError(
+            f"the model's outputs are NaN or Inf on {bad} of {seen} evaluation examples: its "
+            "weights or batch-norm statistics are not finite")
     return correct / seen
 
 
@@ -95,7 +113,7 @@ def _train_step(
     opt_state: optax.OptState,
     batch: dict,
     masks: PyTree | None,
-) -> tuple[dict, optax.OptState, jax.Array]:
+) -> tuple[dict, optax.OptState, jax.Array, jax.Array]:
     def loss_fn(params):
         logits, updated = apply_fn({**variables, "params": params}, batch["image"], True)
         return cross_entropy(logits, batch["label"], label_smoothing), updated
@@ -104,14 +122,21 @@ def _train_step(
     tx = optimizer if masks is None else keep_masked(optimizer, masks)
     updates, opt_state = tx.update(grads, opt_state, variables["params"])
     params = optax.apply_updates(variables["params"], updates)
-    return {**updated, "params": params}, opt_state, loss
+    variables = {**updated, "params": params}
+    # Checked here, in the step, so that a finite loss over weights that have
+    # already overflowed is caught too; no host round-trip until the epoch ends.
+    faults = sum(bad.astype(jnp.int32) << bit for bit, bad in enumerate(
+        [~jnp.isfinite(loss), _not_finite(variables), _not_finite(opt_state)]))
+    return variables, opt_state, loss, faults
 
 
-def _raise_if_not_finite(losses: np.ndarray, epoch: int) -> None:
-    bad = np.flatnonzero(~np.isfinite(losses))
+def _raise_if_not_finite(losses: np.ndarray, faults: np.ndarray, epoch: int) -> None:
+    bad = np.flatnonzero(faults)
     if bad.size:
+        step, code = int(bad[0]), int(faults[bad[0]])
+        what = ", ".join(name for bit, name in enumerate(FAULTS) if code >> bit & 1)
         raise FloatingPointError(
-            f"non-finite loss ({losses[bad[0]]}) at epoch {epoch}, step {int(bad[0]) + 1}: "
+            f"non-finite {what} (loss {losses[step]:.4g}) at epoch {epoch}, step {step + 1}: "
             "try a smaller learning rate"
         )
 
@@ -157,7 +182,8 @@ def train_epoch(
       over it.
 
     Raises:
-      FloatingPointError: when a step's loss is NaN or infinite.
+      FloatingPointError: when a step's loss, the model's variables or the
+        optimizer state became NaN or infinite (the message names which).
       ValueError: with a mesh, when a batch does not split evenly over it.
     """
     if masks is not None:
@@ -168,19 +194,20 @@ def train_epoch(
         # the outputs come back replicated, so later steps need no re-placing.
         variables, opt_state = sharding_lib.replicate((variables, opt_state), mesh)
         masks = None if masks is None else sharding_lib.replicate(masks, mesh)
-    losses = []
+    losses, faults = [], []
     # Losses stay on device until the epoch ends, so steps are not synchronised.
     for batch in tqdm(batches, desc=f"{desc} {epoch}", disable=not progress, leave=False):
         if mesh is not None:
             batch = sharding_lib.shard_batch(batch, mesh)
-        variables, opt_state, loss = _train_step(
+        variables, opt_state, loss, fault = _train_step(
             apply_fn, optimizer, label_smoothing, variables, opt_state, batch, masks
         )
         losses.append(loss)
+        faults.append(fault)
     if not losses:
         raise ValueError(f"epoch {epoch} had no batches: the data is smaller than one batch")
     epoch_losses = np.asarray(jnp.stack(losses))
-    _raise_if_not_finite(epoch_losses, epoch)
+    _raise_if_not_finite(epoch_losses, np.asarray(jnp.stack(faults)), epoch)
     return variables, opt_state, float(epoch_losses.mean())
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from sfpk_jax.core.masks import path_to_str
+from sfpk_jax.core.masks import check_mask_shape, path_to_str
 
 PyTree = Any
 
@@ -59,11 +59,7 @@ def masks_by_path(params: PyTree, masks: PyTree) -> dict[str, Any]:
             continue
         if name not in shapes:
             raise ValueError(f"the masks hold {name or '<root>'}, which the params do not have")
-        pshape, mshape = shapes[name], np.shape(m)
-        if len(mshape) != len(pshape) or any(b not in (1, a) for a, b in zip(pshape, mshape)):
-            raise ValueError(
-                f"the mask of {name} has shape {mshape}, which does not broadcast to the "
-                f"parameter's shape {pshape} (same rank, each axis equal or 1)")
+        check_mask_shape(name, shapes[name], np.shape(m))
         by_path[name] = m
     return by_path
 

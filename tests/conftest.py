@@ -9,6 +9,9 @@ Numerics settings for the whole suite:
   the core test modules below; the model/training modules of the package rely
   on implicit promotion inside Flax (e.g. ``float32`` / ``int32``), so the
   rest of the suite keeps ``"standard"``.
+
+The modules in ``SLOW_MODULES`` (subprocesses, end-to-end runs, long
+simulations) are marked ``slow``: ``pytest -m "not slow"`` is the quick run.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
 
 CORE_MODULES = {
+    "test_chex_properties",
     "test_config",
     "test_direction",
     "test_masks",
@@ -38,6 +42,46 @@ CORE_MODULES = {
     "test_density",
     "test_voting_thresholds",
 }
+
+# Test modules marked ``slow`` (``pytest -m "not slow"`` leaves them out; a
+# plain ``pytest`` runs everything). Marked here, by module name, rather than
+# in the modules themselves, so the list is in one place.
+SLOW_MODULES = {
+    # start subprocesses (JAX workers with other device counts or several
+    # processes, a Jupyter kernel, run-lock contenders)
+    "test_experiments",
+    "test_io",
+    "test_multihost",
+    "test_notebook",
+    "test_resume",
+    "test_resume_experiments",
+    "test_sharding",
+    # run experiments (or their command line), benchmarks or
+    # prune-and-retrain recipes end to end
+    "test_benchmarks",
+    "test_compare_pruners",
+    "test_demo",
+    "test_flops",  # test_structured_report_runs: the structured-pruning report script
+    "test_frameworks",
+    "test_readme_recipes",
+    "test_registry",
+    # over ~20 s in all on a 2-core CPU (many compiled simulations)
+    "test_baselines",
+    "test_model_zoo",
+    "test_simulation",
+    "test_structured",
+    "test_voting_thresholds",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Marks every test of a module in :data:`SLOW_MODULES` as ``slow``."""
+    del config
+    for item in items:
+        module = getattr(item, "module", None)
+        if module is not None and module.__name__.rpartition(".")[2] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
+
 
 # Hypothesis imports libcst lazily to print a patch for a failing example; that
 # import raises a DeprecationWarning (mypy_extensions.TypedDict) which, with

@@ -1,7 +1,8 @@
 """The density functional G: a differentiable density of a continuous mask.
 
 The paper calls G the sparsity functional; its value is a density: G(1) = 1,
-and G falls toward the fraction of entries kept as the mask goes to 0/1.
+and on a 0/1 mask G is the fraction of entries kept (``l1``) or its square
+root (``l2``).
 ``l2``: sqrt(sum m^2 + 1e-12) / sqrt(D); ``l1``: sum |m| / D. In local scope
 each layer has its own G_l over its own D_l.
 """

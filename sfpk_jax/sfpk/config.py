@@ -41,7 +41,7 @@ def _field(default: Any, text: str, choices: tuple | None = None) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class SFPKConfig:
-    """Every knob of the spec (``docs/sfpk-algorithm.md``), defaults as there.
+    """Every knob of the spec (the project's ``sfpk-algorithm.md``), defaults as there.
 
     Each field's metadata holds a one-line ``help`` and, for a field with a
     fixed set of values, its ``choices``: the experiments make their flags

@@ -7,7 +7,8 @@ runs the paper's comparison on a GPU box, e.g.
 ``--dataset cifar100 --model resnet20 --data-dir ~/data --pretrain-epochs 160
 --retrain-epochs 100 --prune-batch-size 512``. Writes ``results.json`` (one
 record per pruner, sparsity and seed), ``summary.json`` and ``table.md``
-(mean +- std over seeds) and ``accuracy_vs_sparsity.png``.
+(mean +- std over seeds) and ``accuracy_vs_sparsity.png``. ``--smoke`` runs
+every pruner at 90% sparsity with one seed on 256 digits.
 """
 
 from __future__ import annotations
@@ -35,10 +36,14 @@ def parse_args(argv=None):
     harness.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=0)
     g = parser.add_argument_group("comparison")
     g.add_argument("--pruners", default=",".join(PRUNERS), help="comma-separated pruner names")
-    g.add_argument("--sparsities", default="0.9,0.95,0.98,0.99")
-    g.add_argument("--seeds", default="0,1,2")
+    g.add_argument("--sparsities", default="0.9,0.95,0.98,0.99",
+                   help="comma-separated fractions of the prunable weights removed")
+    g.add_argument("--seeds", default="0,1,2",
+                   help="comma-separated seeds: one dense model and one run of each pruner per "
+                        "seed")
     g.add_argument("--pretrain-lr", type=float, default=0.05, help="dense training learning rate")
-    args = harness.finish_args(parser, argv, [harness.recipe_checks, _checks])
+    args = harness.finish_args(parser, argv, [harness.recipe_checks, _checks],
+                               smoke={"seeds": "0", "sparsities": "0.9"})
     args.pruners = harness.csv_items(args.pruners, str)
     args.sparsities = harness.csv_items(args.sparsities, float)
     args.seeds = harness.csv_items(args.seeds, int)
@@ -57,10 +62,13 @@ def _checks(args) -> list[harness.Check]:
                       "a finite number > 0"),
         harness.Check("--pretrain-epochs", args.pretrain_epochs, args.pretrain_epochs >= 1,
                       "an integer >= 1 (the dense models are trained here)"),
+        harness.Check("--dense-checkpoint", args.dense_checkpoint, args.dense_checkpoint is None,
+                      "none: the comparison trains one dense model per seed itself"),
     ]
 
 
 def dense_model(args, bundle, metrics):
+    """The dense model of ``args.seed``, trained with ``--pretrain-lr`` (SGD 0.9, wd 5e-4)."""
     apply_fn, variables = harness.build_model(args, bundle)
     recipe = argparse.Namespace(**{**vars(args), "lr": args.pretrain_lr, "momentum": 0.9,
                                    "weight_decay": 5e-4})
@@ -70,6 +78,7 @@ def dense_model(args, bundle, metrics):
 
 
 def aggregate(records):
+    """Mean and std over seeds of each pruner and sparsity."""
     rows = []
     for pruner in dict.fromkeys(r["pruner"] for r in records):
         for sparsity in dict.fromkeys(r["sparsity"] for r in records):
@@ -83,6 +92,7 @@ def aggregate(records):
 
 
 def markdown(rows, dense_accs, synflow_iterations: int = 1) -> str:
+    """The table of :func:`aggregate`'s rows, under the dense accuracy."""
     lines = [f"Dense accuracy: {np.mean(dense_accs):.4f} ± {np.std(dense_accs):.4f}", "",
              "| pruner | sparsity | acc. after pruning | acc. after retraining | prune s |",
              "|---|---:|---:|---:|---:|"]
@@ -98,16 +108,16 @@ def markdown(rows, dense_accs, synflow_iterations: int = 1) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    bundle = harness.open_data(args)
-    out = harness.start(args)
-    metrics = harness.Metrics(out / "metrics.csv")
+    run = harness.setup(args)
+    bundle, out, metrics = run.bundle, run.out, run.metrics
     records, dense_accs = [], []
     start = time.perf_counter()
     for seed in args.seeds:
         args.seed = seed
         apply_fn, dense = dense_model(args, bundle, metrics)
         _, test = harness.loaders(args, bundle, seed)
-        dense_accs.append(evaluate_batches(apply_fn, dense, test.epoch(0)))
+        dense_acc = evaluate_batches(apply_fn, dense, test.epoch(0))
+        dense_accs.append(dense_acc)
         for sparsity in args.sparsities:
             for pruner in args.pruners:
                 args.pruner = pruner
@@ -118,14 +128,19 @@ def main(argv=None) -> int:
                                       masks=pruned.masks, metrics=metrics,
                                       phase=f"{pruner} {sparsity:g} seed {seed}")
                 records.append({"pruner": pruner, "sparsity": sparsity, "seed": seed,
-                                "acc_pruned": acc_pruned, "acc_retrained": accs[-1],
+                                "dense_acc": dense_acc, "acc_pruned": acc_pruned,
+                                "acc_retrained": accs[-1],
                                 "prune_seconds": pruned.seconds,
                                 **harness.mask_results(pruned.masks, dense["params"])})
                 print(f"seed {seed} {pruner:<9} {sparsity:5.2%}: pruned {acc_pruned:.4f}, "
                       f"retrained {accs[-1]:.4f}", flush=True)
     rows = aggregate(records)
     table = markdown(rows, dense_accs, args.synflow_iterations)
-    plots.accuracy_vs_sparsity(rows, str(out / "accuracy_vs_sparsity.png"), float(np.mean(dense_accs)))
+    title = harness.run_title(args, f"pruners compared, retrained "
+                                    f"{harness.count(args.epochs, 'epoch')}, "
+                                    f"{harness.count(len(args.seeds), 'seed')} (bars: std)")
+    plots.accuracy_vs_sparsity(rows, str(out / "accuracy_vs_sparsity.png"),
+                               float(np.mean(dense_accs)), title=title)
     files.write_text(out / "table.md", table)
     files.write_json(out / "summary.json", {"dense_acc": dense_accs, "rows": rows,
                                          "seconds": time.perf_counter() - start})

@@ -5,9 +5,10 @@
 Trains a small CNN dense, prunes it with SFPK and with global magnitude
 pruning at 90%, 95% and 98% sparsity, recomputes batch-norm statistics,
 retrains each pruned model briefly with its mask held fixed, and writes
-``results.json``, ``accuracy_vs_sparsity.png`` and ``sfpk_trace.png`` to
-``--out``. Needs no download (scikit-learn ships the digits) and runs in a
-few minutes on a 2-core CPU; the same ``--seed`` gives the same numbers. It
+``results.json``, ``config.json``, ``accuracy_vs_sparsity.png`` and
+``sfpk_trace.png`` to ``--out``. Needs no download (scikit-learn ships the
+digits) and runs in a few minutes on a 2-core CPU (``--smoke``: seconds); the
+same ``--seed`` gives the same numbers on the same machine and versions. It
 keeps no checkpoints (a killed demo is simply run again); the experiments in
 ``experiments/`` resume with ``--resume``.
 """
@@ -23,6 +24,7 @@ import jax
 import sfpk_jax
 from sfpk_jax import harness
 from sfpk_jax.data import batch_iterator, load_digits, particle_batches
+from sfpk_jax.harness import checks, environment, flags, progress
 from sfpk_jax.models import build
 from sfpk_jax.storage import files
 from sfpk_jax.tools import plots
@@ -31,10 +33,12 @@ from sfpk_jax.train import (
     make_loss_fn,
     recompute_batch_stats,
     sgd_cosine,
-    train,
+    train_epoch,
 )
 
 PRUNERS = ("sfpk", "magnitude")
+# What --smoke changes besides the common sizes (harness.checks.SMOKE).
+SMOKE = {"sparsities": "0.9", "retrain_epochs": 1}
 
 
 def parse_args(argv):
@@ -43,12 +47,17 @@ def parse_args(argv):
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     harness.one_line_errors(p)
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, type=flags.path_arg,
+                   help="output directory (~ and $VARIABLES are expanded)")
     p.add_argument("--overwrite", action="store_true", help="replace results already in --out")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--sparsities", default="0.9,0.95,0.98", help="comma-separated fractions removed")
-    p.add_argument("--pretrain-epochs", type=int, default=40)
-    p.add_argument("--retrain-epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the model's initialisation, the data split and order, and SFPK's "
+                        "mini-batches")
+    p.add_argument("--sparsities", default="0.9,0.95,0.98",
+                   help="comma-separated fractions of the prunable weights removed")
+    p.add_argument("--pretrain-epochs", type=int, default=40, help="epochs of dense training")
+    p.add_argument("--retrain-epochs", type=int, default=10,
+                   help="epochs of retraining after each pruning, masks held fixed")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size")
     p.add_argument("--lr", type=float, default=0.05, help="dense training learning rate")
     s = p.add_argument_group("SFPK (defaults: the paper's)")
@@ -56,8 +65,15 @@ def parse_args(argv):
     s.add_argument("--prune-batch-size", type=int, default=128, help="mini-batch per particle")
     harness.add_config_flags(s, "radius", "repulsion")
     p.add_argument("--bn-batches", type=int, default=2, help="batches to re-estimate BN statistics")
-    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--smoke", action="store_true",
+                   help="a quick check of the whole demo (under a minute): one sparsity (90%%), 1 "
+                        "dense and 1 retraining epoch, 3 SFPK steps of 2 particles, for the flags "
+                        "not given (flags given are kept as given)")
+    p.add_argument("--no-progress", action="store_true", help=flags.NO_PROGRESS_HELP)
     args = p.parse_args(argv)
+    if args.smoke:
+        sizes = {k: v for k, v in checks.SMOKE.items() if hasattr(args, k)}
+        checks.apply_smoke(args, checks.given_flags(p, argv), {**sizes, **SMOKE})
     train_size = len(load_digits(seed=args.seed).x_train) if args.seed >= 0 else 0
     harness.require([
         harness.sparsities_check(args.sparsities),
@@ -85,8 +101,32 @@ def prune(pruner, args, loss_fn, params, data, sparsity, index):
     batches = particle_batches(
         data.x_train, data.y_train, args.particles, args.prune_batch_size, seed=(args.seed, index)
     )
-    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity, harness.sfpk_config(args))
+    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity, harness.sfpk_config(args),
+                                 desc=f"SFPK {sparsity:g}")
     return result.masks, result.trace
+
+
+def fit(args, apply_fn, variables, data, *, epochs, optimizer, desc, masks=None):
+    """Trains on the digits as :func:`sfpk_jax.train.train` does, showing a bar or log lines.
+
+    The batches of epoch e are shuffled by ``(--seed, e)``; with ``masks``
+    the pruned weights are zeroed first and stay zero.
+    """
+    if masks is not None:
+        variables = {**variables, "params": sfpk_jax.apply_masks(variables["params"], masks)}
+    opt_state = optimizer.init(variables["params"])
+    bar = progress.bar(args, desc=desc, total=epochs * (len(data.x_train) // args.batch_size),
+                       unit="step")
+    for epoch in range(1, epochs + 1):
+        batches = batch_iterator(data.x_train, data.y_train, args.batch_size,
+                                 seed=(args.seed, epoch))
+        variables, opt_state, loss = train_epoch(
+            apply_fn, variables, opt_state, progress.counted(batches, bar), optimizer=optimizer,
+            masks=masks, epoch=epoch)
+        bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.4f}")
+        progress.LOG.info("%s: epoch %d/%d, train loss %.4f", desc, epoch, epochs, loss)
+    bar.close()
+    return variables
 
 
 def main(argv=None) -> int:
@@ -106,18 +146,15 @@ def _run(args) -> int:
     except (files.OutputExistsError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    progress = not args.no_progress
+    progress.configure(args)
     data = load_digits(seed=args.seed)
     apply_fn, variables = build("small_cnn", num_classes=10, key=jax.random.key(args.seed))
     steps_per_epoch = len(data.x_train) // args.batch_size
 
     start = time.perf_counter()
-    dense, _ = train(
-        apply_fn, variables, data.x_train, data.y_train, epochs=args.pretrain_epochs,
-        batch_size=args.batch_size, seed=args.seed, progress=progress, desc="dense",
-        optimizer=sgd_cosine(args.lr, args.pretrain_epochs, steps_per_epoch, momentum=0.9,
-                             weight_decay=5e-4),
-    )
+    dense = fit(args, apply_fn, variables, data, epochs=args.pretrain_epochs, desc="dense",
+                optimizer=sgd_cosine(args.lr, args.pretrain_epochs, steps_per_epoch, momentum=0.9,
+                                     weight_decay=5e-4))
     dense_acc = evaluate(apply_fn, dense, data.x_test, data.y_test)
     print(f"dense model: test accuracy {dense_acc:.4f} ({time.perf_counter() - start:.1f}s)")
     loss_fn = make_loss_fn(apply_fn, dense)
@@ -137,9 +174,8 @@ def _run(args) -> int:
                 apply_fn, pruned, (b for _, b in zip(range(args.bn_batches), bn_batches))
             )
             acc_pruned = evaluate(apply_fn, pruned, data.x_test, data.y_test)
-            retrained, _ = train(
-                apply_fn, pruned, data.x_train, data.y_train, epochs=args.retrain_epochs,
-                batch_size=args.batch_size, masks=masks, seed=args.seed, progress=progress,
+            retrained = fit(
+                args, apply_fn, pruned, data, epochs=args.retrain_epochs, masks=masks,
                 desc=f"retrain {pruner} {sparsity:g}",
                 optimizer=sgd_cosine(0.01, args.retrain_epochs, steps_per_epoch, momentum=0.875),
             )
@@ -147,14 +183,21 @@ def _run(args) -> int:
                 "pruner": pruner,
                 "sparsity": sparsity,
                 "density": sfpk_jax.density(masks),
+                "dense_acc": dense_acc,
                 "acc_pruned": acc_pruned,
                 "acc_retrained": evaluate(apply_fn, retrained, data.x_test, data.y_test),
                 "prune_seconds": round(prune_s, 3),
             })
 
-    files.write_json(out / "config.json", vars(args))
-    plots.accuracy_vs_sparsity(records, str(out / "accuracy_vs_sparsity.png"), dense_acc)
-    plots.sfpk_trace(traces, str(out / "sfpk_trace.png"))
+    files.write_json(out / "config.json",
+                     {**vars(args), environment.KEY: environment.environment()})
+    title = (f"small_cnn on the 8x8 digits: SFPK ({harness.count(args.particles, 'particle')}, "
+             f"{harness.count(args.steps, 'step')}) vs magnitude,\nretrained "
+             f"{harness.count(args.retrain_epochs, 'epoch')}, seed {args.seed}")
+    plots.accuracy_vs_sparsity(records, str(out / "accuracy_vs_sparsity.png"), dense_acc,
+                               title=title)
+    plots.sfpk_trace(traces, str(out / "sfpk_trace.png"), title=title,
+                     targets={f"{100 * s:g}% sparsity": 1.0 - s for s in args.sparsities})
     files.write_json(out / "results.json", records)
 
     print(f"\n{'pruner':<10} {'sparsity':>8} {'density':>8} {'acc_pruned':>11} {'acc_retrained':>14}")

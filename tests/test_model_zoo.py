@@ -83,7 +83,9 @@ def test_structure_details(zoo):
     assert "bias" not in resnet["conv"]
     assert set(resnet["blocks_3"]) == {"conv1", "bn1", "conv2", "bn2", "shortcut_0", "shortcut_1"}
     assert resnet["blocks_3"]["shortcut_0"]["kernel"].shape == (1, 1, 16, 32)
-    assert set(resnet["blocks_4"]) == {"conv1", "bn1", "conv2", "bn2"}  # identity shortcut
+    # Identity shortcut: the official lottery form's Identity2d weight, one per channel.
+    assert set(resnet["blocks_4"]) == {"conv1", "bn1", "conv2", "bn2", "shortcut"}
+    assert resnet["blocks_4"]["shortcut"].shape == (32,)
     vgg = zoo("vgg16_bn")[1]["params"]
     assert vgg["layers_0"]["conv"]["bias"].shape == (64,)  # official VGG convs keep their bias
     assert vgg["fc"]["kernel"].shape == (512, 10)

@@ -75,7 +75,9 @@ def _spec_point(mask, theta, kind, scope):
 
 
 def _check_energy(model, mask, kind, scope, seed, in_property=False):
-    layout, energy_fn = _energy(model, sparsity_fn=kind, scope=scope)
+    # The spec's per-layer reading (each layer at its own G_l); the local
+    # default, the reference's, is tested in test_local_structured.py.
+    layout, energy_fn = _energy(model, sparsity_fn=kind, scope=scope, local_polarizer="layer")
     theta = [np.asarray(t) for t in layout.gather(model.params)]
     batch = model.batch(np.random.default_rng(seed), 16)
     point, fragile = _spec_point(mask, theta, kind, scope)

@@ -1,4 +1,7 @@
-"""Killed runs resume bit for bit; damaged, missing or foreign checkpoints are clear errors.
+"""Runs repeat and resume bit for bit; damaged, missing or foreign checkpoints are clear errors.
+
+Two runs of ``cifar100_oneshot --smoke`` (nothing else given) write the same
+results.json and metrics.csv, timings aside.
 
 The kill test runs the gradual experiment (dense pretraining, then two rounds
 of SFPK and fine-tuning: every kind of checkpoint) at --smoke size in a
@@ -22,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments import imagenet_iterative, pretrain
+from experiments import cifar100_oneshot, imagenet_iterative, pretrain
 from sfpk_jax.harness import outdir, training
 from sfpk_jax.storage import checkpoints
 
@@ -35,7 +38,7 @@ ITERATIVE = ["--dataset", "digits", "--model", "small_cnn", "--pretrain-epochs",
 MILESTONES = ["checkpoints/train-pretrain/1", "checkpoints/sfpk-round1/1",
               "checkpoints/prune-round1/0", "checkpoints/train-round1/1",
               "checkpoints/sfpk-round2/2", "checkpoints/train-round2/1"]
-TIMING = {"prune_seconds", "retrain_seconds"}
+TIMING = {"prune_seconds", "retrain_seconds", "train_seconds"}
 
 
 def _env(cache: Path) -> dict:
@@ -131,8 +134,9 @@ def test_killed_and_resumed_run_equals_an_uninterrupted_one(runs_dir):
     assert (resumed / "metrics.csv").read_text() == (reference / "metrics.csv").read_text(), about
     ref_config = json.loads((reference / "config.json").read_text())
     config = json.loads((resumed / "config.json").read_text())
-    assert {k: v for k, v in config.items() if k != "out"} == \
-        {k: v for k, v in ref_config.items() if k != "out"}, about
+    # The environment is a record of where each ran (a commit may land between them).
+    assert {k: v for k, v in config.items() if k not in ("out", "environment")} == \
+        {k: v for k, v in ref_config.items() if k not in ("out", "environment")}, about
     for name in ("dense", "round1", "round2", "final"):
         assert _digest(resumed / "checkpoints" / name) == \
             _digest(reference / "checkpoints" / name), f"{name}: {about}"
@@ -158,6 +162,34 @@ def _resume_in_process(out: Path, capsys) -> str:
     lines = [line for line in err.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def test_smoke_alone_runs_on_digits_and_two_runs_write_the_same_files(tmp_path, capsys):
+    """``--smoke`` and nothing else; the same machine and flags give the same results."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    for out in (first, second):
+        assert cifar100_oneshot.main(["--smoke", "--no-progress", "--out", str(out)]) == 0
+    log = capsys.readouterr().out
+    # --no-progress: one plain line per epoch and per 10 SFPK steps (and the last), no bars.
+    for line in ("pretrain: epoch 1/1, train loss", "retrain: epoch 2/2, train loss",
+                 "SFPK sfpk-sfpk-0.95-seed0-0: step 3/3, mean density G"):
+        assert log.count(line) == 2, (line, log)
+    assert "\r" not in log
+    config = json.loads((first / "config.json").read_text())
+    # What --smoke chose is recorded: the values the run used.
+    assert {k: config[k] for k in ("dataset", "model", "pretrain_epochs", "epochs", "steps",
+                                   "particles", "batch_size", "prune_batch_size")} == {
+        "dataset": "digits", "model": "small_cnn", "pretrain_epochs": 1, "epochs": 2, "steps": 3,
+        "particles": 2, "batch_size": 32, "prune_batch_size": 16}
+    environment = config.pop("environment")
+    assert {"python", "jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "git_commit",
+            "backend", "devices", "cpu"} <= set(environment)
+    again = json.loads((second / "config.json").read_text())
+    del again["environment"]
+    assert {**config, "out": None} == {**again, "out": None}
+    results = [json.loads((out / "results.json").read_text()) for out in (first, second)]
+    assert _without_timing(results[0]) == _without_timing(results[1])
+    assert (first / "metrics.csv").read_text() == (second / "metrics.csv").read_text()
 
 
 def test_truncated_checkpoint_is_a_clear_error(runs_dir, tmp_path, capsys):

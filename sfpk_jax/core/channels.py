@@ -89,6 +89,39 @@ def mask_sparsity(sparsity: float, structured: bool) -> float:
     return 1.0 - math.sqrt(1.0 - sparsity) if structured else sparsity
 
 
+def simulation_density(density: float, masked: int, total: int) -> float:
+    """The density a channel-mask simulation aims at, renormalised over the whole model.
+
+    The reference (``Methods/structural_pruners.py``, ``SFPK.mask``) keeps the
+    weights outside the masked leaves (normalisation, shortcuts, ...) in its
+    budget: with f the kept fraction of the channels, M the weights the masked
+    leaves hold and P all of the model's parameters, it simulates toward
+    (M - (1 - f) P) / M, and then keeps f of every layer's channels.
+
+    Args:
+      density: f, the kept fraction of the final mask.
+      masked: M.
+      total: P, at least M.
+
+    Returns:
+      The simulation's target density.
+
+    Raises:
+      ValueError: P < M, or no density is left for the masked leaves
+        (the unmasked parameters alone exceed the kept budget f P).
+    """
+    if total < masked:
+        raise ValueError(f"the model's parameter count {total} is below the {masked} weights of "
+                         "its masked leaves: count every parameter of the model")
+    target = (masked - (1.0 - density) * total) / masked
+    if target <= 0.0:
+        raise ValueError(
+            f"keeping {density:.4f} of the channels leaves the masked leaves no density: their "
+            f"{masked} weights must absorb the whole cut of {(1.0 - density) * total:.0f} of "
+            f"the model's {total} parameters; choose a lower sparsity")
+    return target
+
+
 def is_structured(mask_shapes, shapes) -> bool:
     """Whether any mask entry covers more than one parameter entry."""
     return tuple(mask_shapes) != tuple(shapes)

@@ -7,6 +7,10 @@ s_ij = sqrt(S_i S_j + 1e-12):
 The sum runs over every particle, i itself included, at the positions of the
 start of the step; only m_i moves in grad K_i. Gradients are written in closed
 form so memory stays at n x D (no n x n x D intermediate).
+
+For channel masks the reference's ``exp`` kernel divides by S_j + 1e-12, the
+other particle's strength alone (``Methods/sfpk.py``,
+``MaskSystem._calc_similarity_struct_exp``); its ``cos`` kernel keeps s_ij.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ def repulsion(
     *,
     mode: str,
     weighted: bool,
+    structured: bool = False,
 ) -> tuple[jax.Array, list[jax.Array]]:
     """K_i and grad K_i for every particle.
 
@@ -77,6 +82,9 @@ def repulsion(
       theta: the parameters of those leaves (no particle axis).
       mode: ``exp`` or ``cos``.
       weighted: weight by |theta| (True) or by 1.
+      structured: channel masks: the ``exp`` kernel divides by S_j + 1e-12
+        instead of sqrt(S_i S_j + 1e-12), as the reference's structured
+        kernel does.
 
     Returns:
       K of shape (n,) and grad K as a list shaped like ``particles``.
@@ -84,7 +92,10 @@ def repulsion(
     w, sq_w = _weights(particles, theta, weighted)
     n = particles[0].shape[0]
     strength = jnp.stack([_per_particle_sum(jnp.square(m) * wl) for m, wl in zip(particles, w)]).sum(0)
-    scale = jnp.sqrt(strength[:, None] * strength[None, :] + EPS)
+    if structured and mode == "exp":
+        scale = jnp.broadcast_to(strength[None, :] + EPS, (n, n))  # row i, column j: S_j
+    else:
+        scale = jnp.sqrt(strength[:, None] * strength[None, :] + EPS)
     pairs = list(zip(particles, w))
     if mode == "exp":
         dist = _pairwise(

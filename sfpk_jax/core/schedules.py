@@ -39,6 +39,8 @@ def step_size(kind: str, t: jax.Array, steps: int, start, target, current) -> ja
     if kind == "ada_exp":
         # The next point of the geometric path from the current G to the target
         # over the remaining steps. (The reference's adaExp returns a density,
-        # not a step: f (G/f)^(1/(K-t)); we take the step that path implies.)
+        # not a step: f (G/f)^(1/(K-t)), used as dt it overshoots and the run
+        # stops early (Methods/sfpk.py, SFPKSystem._calc_dt); we take the step
+        # that path implies.)
         return current - target * (current / target) ** (1.0 - 1.0 / remaining)
     raise ValueError(f"unknown schedule {kind!r}")

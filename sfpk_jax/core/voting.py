@@ -57,7 +57,10 @@ def vote(
       voters: how many particles vote.
       momentum: mu.
       target_density: f, the hard vote's kept fraction.
-      scope: ``global`` or ``local`` (where the hard vote's top entries are taken).
+      scope: ``global`` or ``local`` (where the hard vote's top entries are
+        taken). The layer-wise hard vote is the spec's reading: the
+        reference's crashes in local scope (``Methods/sfpk.py``,
+        ``SFPKSystem._update_scores`` computes ``1 - target`` of a list).
 
     Returns:
       The new running scores.

@@ -13,9 +13,12 @@ ends with the outputs an uninterrupted run would have written, bit for bit
 
 The modules, each importing only those listed before it: :mod:`.flags` (the flags,
 the SFPK ones made from :class:`sfpk_jax.SFPKConfig`'s fields),
-:mod:`.outdir` (the output folder, ``--resume``, ``--overwrite``),
-:mod:`.checks` (``finish_args``), :mod:`.results` (metrics and outputs),
-:mod:`.training` (data, model, training loop), :mod:`.pruning`.
+:mod:`.progress` (bars or plain log lines), :mod:`.environment` (versions and
+machine for config.json), :mod:`.outdir` (the output folder, ``--resume``,
+``--overwrite``), :mod:`.checks` (``finish_args``, ``--smoke``),
+:mod:`.results` (metrics and outputs), :mod:`.dense` (the dense model from a
+file, checked before any write), :mod:`.training` (data, model, training
+loop), :mod:`.pruning`.
 """
 
 from sfpk_jax.harness.checks import (
@@ -42,7 +45,15 @@ from sfpk_jax.harness.flags import (
 )
 from sfpk_jax.harness.outdir import RESUME_LOG, remember, save_checkpoint, start
 from sfpk_jax.harness.pruning import prune_model
-from sfpk_jax.harness.results import Metrics, mask_results, summarize, write_outputs
+from sfpk_jax.harness.results import (
+    Metrics,
+    count,
+    mask_results,
+    run_title,
+    summarize,
+    trace_targets,
+    write_outputs,
+)
 from sfpk_jax.harness.training import (
     build_model,
     dense_model,
@@ -55,9 +66,9 @@ from sfpk_jax.harness.training import (
 
 __all__ = [
     "Check", "Metrics", "RESUME_LOG", "add_common_flags", "add_config_flags", "add_recipe_flags",
-    "batch_split_check", "build_model", "check_config", "csv_items", "dense_model", "fail",
+    "batch_split_check", "build_model", "check_config", "count", "csv_items", "dense_model", "fail",
     "finish_args", "finite", "fit", "list_check", "loaders", "mask_results", "one_line_errors",
     "open_data", "out_check", "positive_ints", "prune_model", "recipe_checks", "recompute_bn",
-    "remember", "require", "save_checkpoint", "setup", "sfpk_config", "sparsities_check", "start",
-    "summarize", "write_outputs",
+    "remember", "require", "run_title", "save_checkpoint", "setup", "sfpk_config",
+    "sparsities_check", "start", "summarize", "trace_targets", "write_outputs",
 ]

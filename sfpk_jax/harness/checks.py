@@ -25,8 +25,12 @@ from sfpk_jax.models import build, registered
 from sfpk_jax.pruners import PRUNERS
 from sfpk_jax.sfpk.config import ConfigError
 
-# What --smoke shrinks the common flags to (at most); scripts add their own.
-SMOKE = {"steps": 3, "particles": 2, "prune_batch_size": 16, "batch_size": 32, "epochs": 2}
+# What --smoke sets the common size flags to when they are not given; scripts
+# add their own.
+SMOKE = {"steps": 3, "particles": 2, "prune_batch_size": 16, "batch_size": 32, "epochs": 2,
+         "pretrain_epochs": 1}
+# What --smoke runs on unless --dataset / --data-dir (--model) say otherwise.
+SMOKE_DATASET, SMOKE_MODEL = "digits", "small_cnn"
 
 
 class Check(NamedTuple):
@@ -140,7 +144,9 @@ def common_checks(args: argparse.Namespace) -> list[Check]:
         batch_split_check(args, 1),
         # Files and folders the run reads.
         Check("--data-dir", args.data_dir, args.data_dir is None or Path(args.data_dir).is_dir(),
-              "an existing directory"),
+              f"an existing directory that holds --dataset={args.dataset} (CIFAR: the folder "
+              "into which cifar-*-python.tar.gz was extracted, or a tfds data_dir; see the "
+              "README's Data section)"),
         Check("--dense-checkpoint", args.dense_checkpoint,
               args.dense_checkpoint is None or Path(args.dense_checkpoint).is_dir(),
               "an existing checkpoint folder (e.g. OUT/checkpoints/dense of experiments.pretrain)"),
@@ -214,10 +220,16 @@ def finish_args(parser: argparse.ArgumentParser, argv,
     one_line_errors(parser)
     args = parser.parse_args(argv)
     if args.smoke:
-        for name, value in {**SMOKE, **(smoke or {})}.items():
-            setattr(args, name, min(getattr(args, name), value))
-        if args.pretrain_epochs:
-            args.pretrain_epochs = 1
+        given = given_flags(parser, argv)
+        apply_smoke(args, given, {**SMOKE, **(smoke or {})})
+        if "dataset" not in given and "data_dir" not in given:
+            args.dataset = SMOKE_DATASET
+        if "model" not in given and not (dense_flag and getattr(args, dense_flag)):
+            args.model = SMOKE_MODEL
+        if needs_dense and "pretrain_epochs" not in given:
+            # The dense model is trained here (1 epoch) unless a file gives it.
+            other = args.dense_checkpoint or (dense_flag and getattr(args, dense_flag))
+            args.pretrain_epochs = 0 if other else SMOKE["pretrain_epochs"]
     require([*common_checks(args), *(c for more in checks for c in more(args)), out_check(args)])
     check_config(args)
     if needs_dense:
@@ -225,6 +237,34 @@ def finish_args(parser: argparse.ArgumentParser, argv,
     _check_prunable(args)
     check_out_state(args)
     return args
+
+
+def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:
+    """The attributes that the command line ``argv`` sets (rather than a default)."""
+    saved = [(action, action.default) for action in parser._actions]
+    try:
+        for action, _ in saved:
+            action.default = argparse.SUPPRESS
+        return set(vars(parser.parse_args(argv)))
+    finally:
+        for action, default in saved:
+            action.default = default
+
+
+def apply_smoke(args: argparse.Namespace, given: set[str], sizes: dict) -> None:
+    """``--smoke``'s values for the flags not given; a flag that is given is kept as it is.
+
+    Args:
+      args: the parsed flags, changed in place (config.json then records
+        what the run uses).
+      given: the attributes set on the command line (:func:`given_flags`).
+      sizes: attribute -> --smoke's value; a number only ever lowers the
+        script's default (e.g. ``--epochs``), other values (lists) replace it.
+    """
+    for name, value in sizes.items():
+        if name not in given:
+            now = getattr(args, name)
+            setattr(args, name, min(now, value) if isinstance(value, (int, float)) else value)
 
 
 def _check_dense_source(args: argparse.Namespace, dense_flag: str | None) -> None:
@@ -236,8 +276,10 @@ def _check_dense_source(args: argparse.Namespace, dense_flag: str | None) -> Non
     sources = "--dense-checkpoint PATH (from experiments.pretrain)"
     if dense_flag:
         sources = f"{flag_name(dense_flag)} FILE, {sources}"
+    smoke = (" (--smoke trains one for 1 epoch when --pretrain-epochs is left out)"
+             if args.smoke else "")
     fail(f"--pretrain-epochs={args.pretrain_epochs!r} is not allowed without another dense model: "
-         f"no dense model, so pass {sources} or --pretrain-epochs N to train one here")
+         f"no dense model, so pass {sources} or --pretrain-epochs N to train one here{smoke}")
 
 
 def _check_prunable(args: argparse.Namespace) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 import typing
 
@@ -16,6 +17,8 @@ _TYPES = typing.get_type_hints(SFPKConfig)
 # SFPKConfig fields whose flag has another name than the field's (the
 # attribute of the parsed arguments, that is); SGD's --momentum is another flag.
 _DESTS = {"momentum": "vote_momentum"}
+NO_PROGRESS_HELP = ("no progress bars: one plain line per epoch and per 10 SFPK steps instead "
+                    "(also the case when stdout is not a terminal)")
 
 
 def fail(message: str) -> typing.NoReturn:
@@ -27,6 +30,11 @@ def fail(message: str) -> typing.NoReturn:
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
     """Makes ``parser``'s own errors (unknown flag, bad type, ...) one line and exit 2."""
     parser.error = lambda message: fail(f"{message} (see {parser.prog} --help)")
+
+
+def path_arg(text: str) -> str:
+    """A path flag's value with ``~`` and environment variables expanded (``--data-dir=~/data``)."""
+    return os.path.expandvars(os.path.expanduser(text))
 
 
 def flag_name(dest: str) -> str:
@@ -87,7 +95,17 @@ def sfpk_config(args: argparse.Namespace) -> SFPKConfig:
       sfpk_jax.sfpk.config.ConfigError: a flag holds a value the config does
         not allow (its ``field`` names the field, :func:`config_flag` the flag).
     """
-    return SFPKConfig(**{**_by_field(vars(args)), "progress": not args.no_progress})
+    return SFPKConfig(**{**_by_field(vars(args)), "progress": bars(args)})
+
+
+def bars(args: argparse.Namespace) -> bool:
+    """Progress bars, or plain lines: bars only on a terminal and without ``--no-progress``.
+
+    A captured log (stdout redirected, a batch job) gets one plain line per
+    epoch and per 10 SFPK steps instead of a bar's carriage-return updates.
+    """
+    return not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+
 
 
 def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
@@ -104,7 +122,8 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
          "epochs": 100, "seed": 0, **defaults}
     config = _by_field(d)
     g = parser.add_argument_group("common")
-    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--out", required=True, type=path_arg,
+                   help="output directory (~ and $VARIABLES are expanded, as in every path flag)")
     g.add_argument("--overwrite", action="store_true",
                    help="start again in an --out that holds a finished or interrupted run "
                         "(removes its results, metrics and checkpoints)")
@@ -113,25 +132,31 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                         "flags must be the run's (only --lr may change, see docs/long_runs.md)")
     g.add_argument("--checkpoint-every", type=int, default=10,
                    help="SFPK steps between simulation checkpoints (training: every epoch)")
-    g.add_argument("--data-dir", default=d["data_dir"],
+    g.add_argument("--data-dir", default=d["data_dir"], type=path_arg,
                    help="folder with the dataset (tfds data_dir, or the CIFAR python folders)")
     g.add_argument("--dataset", default=d["dataset"], help=f"one of {', '.join(DATASETS)}")
     g.add_argument("--model", default=d["model"], help="a registered model name")
     g.add_argument("--pruner", default=d["pruner"], help=f"one of {', '.join(PRUNERS)}")
     g.add_argument("--sparsity", type=float, default=d["sparsity"],
                    help="fraction of prunable weights removed (0.95 keeps 5%%)")
-    add_config_flags(g, "scope", "mask_dim", **config)
+    add_config_flags(g, "scope", "mask_dim", "dynamics_scope", "local_polarizer", **config)
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="training batch size")
     g.add_argument("--pretrain-epochs", type=int, default=d["pretrain_epochs"],
                    help="epochs of dense pretraining when no --dense-checkpoint is given")
-    g.add_argument("--dense-checkpoint", default=None, help="orbax checkpoint of the dense model")
+    g.add_argument("--dense-checkpoint", default=None, type=path_arg,
+                   help="orbax checkpoint folder of the dense model (OUT/checkpoints/dense of "
+                        "experiments.pretrain); checked against --model before anything is written")
     g.add_argument("--epochs", type=int, default=d["epochs"], help="(re)training epochs")
-    g.add_argument("--seed", type=int, default=d["seed"])
+    g.add_argument("--seed", type=int, default=d["seed"],
+                   help="seed of the model's initialisation, the data order and the pruners")
     g.add_argument("--bn-batches", type=int, default=2,
                    help="training batches that re-estimate batch-norm statistics after pruning")
     g.add_argument("--smoke", action="store_true",
-                   help="tiny data and sizes: runs the whole pipeline in about a minute")
-    g.add_argument("--no-progress", action="store_true", help="hide progress bars")
+                   help="a quick check of the whole pipeline (about a minute on a CPU): the "
+                        "embedded digits unless --dataset or --data-dir is given, small_cnn "
+                        "unless --model is, the first 256/128 examples, and tiny sizes for the "
+                        "size flags not given (flags given are kept as given)")
+    g.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     s = parser.add_argument_group("SFPK (defaults: the paper's)")
     add_config_flags(s, "steps", "particles", **config)
     s.add_argument("--prune-batch-size", type=int, default=d["prune_batch_size"],
@@ -156,8 +181,12 @@ def add_recipe_flags(parser: argparse.ArgumentParser, *, lr, momentum, weight_de
     g = parser.add_argument_group("training recipe")
     g.add_argument("--lr", type=float, default=lr, help="peak learning rate")
     g.add_argument("--momentum", type=float, default=momentum, help="SGD momentum")
-    g.add_argument("--weight-decay", type=float, default=weight_decay)
-    g.add_argument("--warmup-epochs", type=int, default=warmup_epochs)
+    g.add_argument("--weight-decay", type=float, default=weight_decay,
+                   help="L2 weight decay, added to the gradient (as torch.optim.SGD does)")
+    g.add_argument("--warmup-epochs", type=int, default=warmup_epochs,
+                   help="epochs of linear warm-up from --warmup-start to --lr before the cosine "
+                        "decay (cut to the phase's epochs - 1)")
     g.add_argument("--warmup-start", type=float, default=warmup_start,
                    help="learning rate at step 0")
-    g.add_argument("--label-smoothing", type=float, default=label_smoothing)
+    g.add_argument("--label-smoothing", type=float, default=label_smoothing,
+                   help="label smoothing of the training cross-entropy, in [0, 1)")

@@ -10,12 +10,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from sfpk_jax.harness import environment
 from sfpk_jax.harness.flags import fail, flag_name
 from sfpk_jax.storage import checkpoints, files
 
 # Flags that may differ between a run and its --resume: they change where
-# things are and what is shown, not what is computed.
-RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir")
+# things are and what is shown, not what is computed. The environment
+# (versions, machine) is a record, not a flag: see harness/environment.py.
+RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir",
+                  environment.KEY)
 # Flags a --resume may change on purpose: the learning rate, to get past a
 # diverged (NaN) epoch; the particle mode, when the run moves to another
 # machine (it changes float rounding only). A change is announced and recorded
@@ -130,7 +133,7 @@ def start(args: argparse.Namespace) -> Path:
     except (files.OutputExistsError, PermissionError) as err:
         fail(str(err))
     _lock(out)
-    files.write_json(out / "config.json", vars(args))
+    files.write_json(out / "config.json", {**vars(args), environment.KEY: environment.environment()})
     return out
 
 

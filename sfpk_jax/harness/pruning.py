@@ -10,6 +10,7 @@ import jax
 from sfpk_jax.data import particle_loader
 from sfpk_jax.harness.flags import fail, sfpk_config
 from sfpk_jax.harness.outdir import DAMAGED, checkpoint_dir, slug
+from sfpk_jax.harness.progress import LOG
 from sfpk_jax.parallel.sharding import default_mesh
 from sfpk_jax.pruners import PruneResult, prune, spec
 from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
@@ -125,6 +126,7 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
         # A simulation takes the batches as a function of the first step, so
         # that a resumed one reads from there without replaying the others.
         batches = stream if needs.simulation else stream()
+    LOG.info("%s %s: pruning to %.4g%% sparsity", method, name, 100 * sparsity)
     t0 = time.perf_counter()
     try:
         result = prune(method, make_loss_fn(apply_fn, variables), variables["params"], batches,
@@ -135,4 +137,6 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
     except ResumeError as err:
         fail(str(err))
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
-    return Pruned(result.masks, result, time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    LOG.info("%s %s: pruned in %.1f s", method, name, seconds)
+    return Pruned(result.masks, result, seconds)

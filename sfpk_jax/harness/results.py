@@ -73,16 +73,61 @@ def mask_results(masks, params) -> dict[str, Any]:
             "mask_digest": mask_digest(masks)}
 
 
-def summarize(accs: list[float], last: int = 5) -> dict[str, float]:
-    """``final_acc`` (mean of the last ``last`` epochs, or all) and ``best_acc``."""
-    return {"final_acc": float(np.mean(accs[-last:])), "best_acc": float(np.max(accs))}
+def summarize(accs: list[float]) -> dict[str, float]:
+    """The test accuracies of a phase's epochs, summarised.
+
+    Returns:
+      ``final_acc``: the last epoch's, i.e. that of the model saved as
+      ``checkpoints/final``; ``mean_last5_acc``: the mean over the last 5
+      epochs (all, when fewer), what the paper reports; ``best_acc``: the
+      highest of any epoch (chosen on the test set, so optimistic).
+    """
+    return {"final_acc": float(accs[-1]), "mean_last5_acc": float(np.mean(accs[-5:])),
+            "best_acc": float(np.max(accs))}
 
 
-def write_outputs(out: Path, results: dict, metrics: Metrics, masks=None, traces=None) -> None:
-    """Plots, then results.json last (its presence marks a finished run)."""
-    plots.accuracy_over_epochs(metrics.rows, str(out / "accuracy.png"))
+def count(n: int, noun: str) -> str:
+    """``"1 epoch"``, ``"2 epochs"``: for titles and messages."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def run_title(args, what: str) -> str:
+    """A figure title: the model, the dataset (``--smoke`` said) and ``what`` was run."""
+    smoke = " (--smoke)" if getattr(args, "smoke", False) else ""
+    return f"{args.model} on {args.dataset}{smoke}: {what}"
+
+
+def trace_targets(args, sparsities: dict[str, float]) -> dict[str, float]:
+    """Trace label -> the target density that the trace plot draws.
+
+    Only for weight masks: channel masks are simulated at another density
+    than the weights' (the kept channels per layer), so no line is drawn.
+    """
+    if getattr(args, "mask_dim", None) is not None:
+        return {}
+    return {label: 1.0 - sparsity for label, sparsity in sparsities.items()}
+
+
+def write_outputs(out: Path, results: dict, metrics: Metrics, masks=None, traces=None, *,
+                  title: str, pruned_before=(), targets=None) -> None:
+    """Plots, then results.json last (its presence marks a finished run).
+
+    Args:
+      out: the run's folder.
+      results: what results.json holds (``density_per_layer`` and
+        ``density`` when ``masks`` is given).
+      metrics: the per-epoch rows, for ``accuracy.png``.
+      masks: the final masks, when the run pruned (``density_per_layer.png``).
+      traces: label -> SFPK trace, for ``sfpk_trace.png``.
+      title: the figures' title (:func:`run_title`).
+      pruned_before: the training phases that start right after pruning.
+      targets: label of a trace -> its target density.
+    """
+    plots.accuracy_over_epochs(metrics.rows, str(out / "accuracy.png"),
+                               pruned_before=pruned_before, title=title)
     if masks is not None:
-        plots.layer_density(results["density_per_layer"], str(out / "density_per_layer.png"))
+        plots.layer_density(results["density_per_layer"], str(out / "density_per_layer.png"),
+                            overall=results["density"], title=title)
     if traces:
-        plots.sfpk_trace(traces, str(out / "sfpk_trace.png"))
+        plots.sfpk_trace(traces, str(out / "sfpk_trace.png"), targets=targets, title=title)
     files.write_json(out / "results.json", results)

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
 import optax
-from tqdm.auto import tqdm
 
 from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load
 from sfpk_jax.data.pipeline import read_batch
+from sfpk_jax.harness import dense as dense_files
+from sfpk_jax.harness import progress
 from sfpk_jax.harness.flags import fail, flag_name
 from sfpk_jax.harness.outdir import (
     DAMAGED,
@@ -80,25 +82,34 @@ def build_model(args: argparse.Namespace, bundle: DataBundle):
 
 
 class Setup(NamedTuple):
-    """What :func:`setup` prepares: data, output folder, metrics file and the fresh model."""
+    """What :func:`setup` prepares: data, output folder, metrics file, the model.
+
+    ``variables`` are the fresh model's; ``dense`` the trained dense model
+    that ``--dense-checkpoint`` or ``--pretrained-weights`` gives (None: there
+    is none, :func:`dense_model` trains it).
+    """
 
     bundle: DataBundle
     out: Path
     metrics: Metrics
     apply_fn: Any
     variables: dict
+    dense: dict | None
 
 
 def setup(args: argparse.Namespace) -> Setup:
-    """Data, fresh model, then the output folder (config.json) and metrics file.
+    """Data, fresh model, the dense model's file, then the output folder and metrics file.
 
-    The data and the model come first so that a missing dataset or an
-    unusable model stops the run before anything is written.
+    Everything that is read comes first, so that a missing dataset, an
+    unusable model or a dense checkpoint of another model stops the run
+    before config.json (or anything else) is written.
     """
+    progress.configure(args)
     bundle = open_data(args)
     apply_fn, variables = build_model(args, bundle)
+    dense = dense_files.from_file(args, variables)
     out = start(args)
-    return Setup(bundle, out, Metrics(out / "metrics.csv"), apply_fn, variables)
+    return Setup(bundle, out, Metrics(out / "metrics.csv"), apply_fn, variables, dense)
 
 
 def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int,
@@ -184,14 +195,16 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
                      "--overwrite to start the run again")
         except checkpoints.CheckpointError as err:
             fail(f"--resume: {err}; {DAMAGED}")
-        bar = tqdm(range(first, epochs + 1), initial=first - 1, total=epochs, desc=phase,
-                   disable=args.no_progress)
-        for epoch in bar:
+        # One bar per phase over all its steps, left on screen when done.
+        bar = progress.bar(args, desc=phase, total=epochs * len(train),
+                           initial=(first - 1) * len(train), unit="step")
+        for epoch in range(first, epochs + 1):
+            t0 = time.perf_counter()
             try:
                 variables, opt_state, loss = train_epoch(
-                    apply_fn, variables, opt_state, train.epoch(epoch), optimizer=tx, masks=masks,
-                    label_smoothing=args.label_smoothing, epoch=epoch,
-                    progress=not args.no_progress, desc=phase, mesh=mesh,
+                    apply_fn, variables, opt_state, progress.counted(train.epoch(epoch), bar),
+                    optimizer=tx, masks=masks, label_smoothing=args.label_smoothing, epoch=epoch,
+                    mesh=mesh,
                 )
             except FloatingPointError as err:
                 fail(_diverged(args, phase, epoch, err, series.directory))
@@ -202,7 +215,10 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
             series.save(epoch, {"variables": variables, "opt_state": opt_state},
                         {"fingerprint": fingerprint, "accs": accs, "rows": [*metrics.rows, row]})
             metrics.add(**row)
-            bar.set_postfix(loss=f"{loss:.3f}", acc=f"{accs[-1]:.4f}")
+            bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.3f}", acc=f"{accs[-1]:.4f}")
+            progress.LOG.info("%s: epoch %d/%d, train loss %.4f, test accuracy %.4f (%.1f s)",
+                              phase, epoch, epochs, loss, accs[-1], time.perf_counter() - t0)
+        bar.close()
     return variables, accs
 
 
@@ -220,20 +236,17 @@ def _diverged(args, phase: str, epoch: int, err: Exception, directory: Path) -> 
             "or more --warmup-epochs")
 
 
-def dense_model(args, bundle, apply_fn, variables, out: Path, metrics: Metrics):
-    """The trained dense model: from ``--dense-checkpoint`` or pretrained here."""
-    if args.dense_checkpoint:
-        try:
-            restored = checkpoints.restore(args.dense_checkpoint, variables)
-        except (FileNotFoundError, ValueError) as err:
-            fail(f"--dense-checkpoint: {err}")
-        return restored
+def dense_model(args, run: Setup) -> dict:
+    """The trained dense model: the file's (read by :func:`setup`), or pretrained here."""
+    if run.dense is not None:
+        return run.dense
     if args.pretrain_epochs < 1:
         fail("no dense model: pass --dense-checkpoint PATH (from experiments.pretrain) "
              "or --pretrain-epochs N to train one here")
-    variables, _ = fit(apply_fn, variables, args, bundle, epochs=args.pretrain_epochs,
-                       metrics=metrics, phase="pretrain", seed_offset=1000)
-    save_checkpoint(args, out / "checkpoints" / "dense", variables)
+    variables, _ = fit(run.apply_fn, run.variables, args, run.bundle,
+                       epochs=args.pretrain_epochs, metrics=run.metrics, phase="pretrain",
+                       seed_offset=1000)
+    save_checkpoint(args, run.out / "checkpoints" / "dense", variables)
     return variables
 
 

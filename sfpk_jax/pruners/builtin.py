@@ -21,7 +21,7 @@ from sfpk_jax.sfpk.config import SFPKConfig, spode
 from sfpk_jax.sfpk.simulation import sfpk_prune
 
 _SIMULATION = {"needs_data": True, "simulation": True, "particles": None,
-               "options": ("config", "init", "checkpoint", "mesh")}
+               "options": ("config", "init", "checkpoint", "mesh", "total_params")}
 
 
 def _require(method: str, name: str, value: Any, what: str) -> None:
@@ -31,12 +31,18 @@ def _require(method: str, name: str, value: Any, what: str) -> None:
 
 @register_pruner("sfpk", **_SIMULATION)
 def _sfpk(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, config=None,
-          init=None, checkpoint=None, mesh=None):
-    """SFPK (Mo, Shi & Pan, ICLR 2025), the spec's defaults unless ``config`` says otherwise."""
+          init=None, checkpoint=None, mesh=None, total_params=None):
+    """SFPK (Mo, Shi & Pan, ICLR 2025), the spec's defaults unless ``config`` says otherwise.
+
+    ``scope`` is the mask's; the dynamics' scope stays ``config.dynamics_scope``
+    (by default global for channel masks, as the reference's ``--structural``).
+    ``total_params`` is the model's parameter count for channel masks (see
+    :func:`sfpk_jax.sfpk_prune`).
+    """
     config = config or SFPKConfig()
     config = config.replace(scope=scope, mask_dim=mask_dim or config.mask_dim)
     return sfpk_prune(loss_fn, params, batches, sparsity, config, prunable, key, init, checkpoint,
-                      mesh)
+                      mesh, total_params=total_params)
 
 
 @register_pruner("spode", **{**_SIMULATION, "particles": 1})

@@ -139,8 +139,9 @@ def prune(
 
         * ``sfpk``, ``spode``: ``config`` (an :class:`sfpk_jax.SFPKConfig`),
           ``init`` (an earlier result), ``checkpoint`` (a
-          :class:`sfpk_jax.CheckpointPolicy`) and ``mesh`` (for
-          ``particle_mode="shard"``); ``batches`` may also be
+          :class:`sfpk_jax.CheckpointPolicy`), ``mesh`` (for
+          ``particle_mode="shard"``) and ``total_params`` (the model's
+          parameter count, for channel masks); ``batches`` may also be
           a function ``start -> iterable`` (see :func:`sfpk_jax.sfpk_prune`).
         * ``snip``: ``num_batches`` (default 1).
         * ``grasp``: ``logits_fn(params, x) -> logits`` (required),

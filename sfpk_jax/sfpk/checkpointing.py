@@ -56,7 +56,7 @@ class CheckpointPolicy:
             raise ValueError(f"CheckpointPolicy.resume={self.resume!r} must be True or False")
 
 
-def fingerprint(config, sparsity: float, paths, theta, mask_shapes) -> dict[str, Any]:
+def fingerprint(config, sparsity: float, paths, theta, mask_shapes, target: float) -> dict[str, Any]:
     """What a resumed simulation must share with the one that wrote the checkpoint.
 
     Args:
@@ -65,6 +65,8 @@ def fingerprint(config, sparsity: float, paths, theta, mask_shapes) -> dict[str,
       paths: '/'-joined paths of the prunable leaves.
       theta: the prunable weights (their bytes are digested).
       mask_shapes: the mask shape of every prunable leaf.
+      target: the simulation's target density (for channel masks it depends
+        on the model's parameter count too).
 
     Returns:
       A JSON-able dict.
@@ -73,6 +75,7 @@ def fingerprint(config, sparsity: float, paths, theta, mask_shapes) -> dict[str,
     return {
         "config": fields,
         "sparsity": sparsity,
+        "target": target,
         "leaves": {p: list(s) for p, s in zip(paths, mask_shapes)},
         "weights_sha256": checkpoints.tree_digest(list(theta)),
     }

@@ -17,6 +17,7 @@ VOTE_MODES = ("soft", "hard")
 SCORES = ("mp", "m")
 PARTICLE_MODES = ("loop", "vmap", "map", "shard")
 COMPUTE_DTYPES = ("float32", "bfloat16")
+LOCAL_POLARIZERS = ("sum", "layer")
 
 
 class ConfigError(ValueError):
@@ -41,7 +42,7 @@ def _field(default: Any, text: str, choices: tuple | None = None) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class SFPKConfig:
-    """Every knob of the spec (the project's ``sfpk-algorithm.md``), defaults as there.
+    """Every knob of the spec (``docs/algorithm.md``), defaults as there.
 
     Each field's metadata holds a one-line ``help`` and, for a field with a
     fixed set of values, its ``choices``: the experiments make their flags
@@ -69,12 +70,33 @@ class SFPKConfig:
       vote_ratio: fraction v of the lowest-energy particles that vote (1: all).
       momentum: mu, weight of the previous scores in the running vote.
       score: ``mp`` scores |m * theta|, ``m`` scores |m|.
-      scope: ``global`` (one density over all prunable entries) or ``local``
-        (every layer is pruned to the target density on its own).
+      scope: the scope of the mask: ``global`` (one density over all
+        prunable entries) or ``local`` (every layer is pruned to the target
+        density on its own). It sets where the final mask and the polarizer
+        take their top entries, and whether the step size dt is one number
+        or one per layer (each from its layer's start density), as the
+        reference's pruning scope does.
       mask_dim: None for unstructured masks, ``"out"`` or ``"in"`` for one
         mask entry per output or input channel of every kernel. Channel
-        pruning is layer-wise (needs ``scope="local"``), and the target is
-        converted as the reference does: channel density = sqrt(1 - sparsity).
+        masks are layer-wise (need ``scope="local"``); the final mask keeps
+        sqrt(1 - sparsity) of every layer's channels, and the simulation
+        aims at the density renormalised over all of the model's parameters
+        (see :func:`sfpk_jax.core.channels.simulation_density`), as the
+        reference does.
+      dynamics_scope: the scope of the dynamics: G, the norms of the step
+        direction delta, the adaptive schedules' current G and the early
+        stop read all prunable entries at once (``global``) or every layer
+        on its own (``local``). None follows the
+        reference: ``global`` for channel masks (``main.py --structural``
+        keeps ``ode_scope=global``), otherwise the same as ``scope``. Local
+        dynamics need ``scope="local"``.
+      local_polarizer: the density at which a layer-wise polarizer
+        (``scope="local"``) cuts each layer. ``sum``, the reference's: every
+        layer at the dynamics' G (the global G, or the sum of the layer
+        densities sum_l G_l when the dynamics are local), a layer left
+        unpolarized while its k_l <= 1; with local dynamics the energy is
+        therefore taken at the continuous mask until sum_l G_l < 1. ``layer``:
+        every layer at its own G_l, left unpolarized while k_l < 1.
       particle_mode: how particles go through the model: ``loop`` (one jitted
         call per particle, dispatched asynchronously), ``vmap`` (all at once),
         ``map`` (``lax.map`` in chunks of ``particle_chunk``) or ``shard``
@@ -103,9 +125,15 @@ class SFPKConfig:
     vote_ratio: float = _field(1.0, "fraction of particles voting")
     momentum: float = _field(0.1, "score momentum mu")
     score: str = _field("mp", "what a particle scores: |m * theta| or |m|", SCORES)
-    scope: str = _field("global", "top-k scope", SCOPES)
+    scope: str = _field("global", "scope of the mask's top-k (for SFPK also of the polarizer's "
+                        "cut and the step sizes)", SCOPES)
     mask_dim: str | None = _field(None, "prune whole output or input channels (structured; needs "
                                   "scope local)", (None, *MASK_DIMS))
+    dynamics_scope: str | None = _field(None, "scope of G and the step direction (default: global "
+                                        "for channel masks, else the scope)", (None, *SCOPES))
+    local_polarizer: str = _field("sum", "density a layer-wise polarizer cuts at: the dynamics' G "
+                                  "(sum of layer densities when local; the reference's) or each "
+                                  "layer's own", LOCAL_POLARIZERS)
     particle_mode: str = _field("loop", "how particles go through the model (shard: split over "
                                 "the devices)", PARTICLE_MODES)
     particle_chunk: int = _field(1, "particles per chunk in map mode (bounds memory)")
@@ -121,8 +149,15 @@ class SFPKConfig:
                                   f"one of {', '.join(map(repr, allowed))}")
         if self.mask_dim is not None and self.scope != "local":
             raise ConfigError("mask_dim", self.mask_dim,
-                              "None unless scope='local' (channel pruning is layer-wise, as in "
-                              "the reference)")
+                              "None unless scope='local' (channel masks keep a share of every "
+                              "layer's channels, as in the reference; the dynamics stay global "
+                              "unless dynamics_scope='local')")
+        if self.scope == "global" and self.dynamics_scope == "local":
+            # The reference's combination starts its single dt from the sum of
+            # the layer densities (Methods/sfpk.py, SFPKSystem.simulation).
+            raise ConfigError("dynamics_scope", self.dynamics_scope,
+                              "None or 'global' when scope='global' (layer-wise dynamics need "
+                              "layer-wise step sizes and masks)")
         for name in ("steps", "particles", "particle_chunk"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -138,6 +173,13 @@ class SFPKConfig:
                     what="in (0.5, 1)")
         _check_real(self.polarizer_ratio, "polarizer_ratio", lo=0.0, hi=1.0,
                     hi_open=True, what="in (0, 1)")
+
+    @property
+    def dynamics(self) -> str:
+        """The scope of the dynamics: ``dynamics_scope``, or the default it stands for."""
+        if self.dynamics_scope is not None:
+            return self.dynamics_scope
+        return "global" if self.mask_dim is not None else self.scope
 
     @property
     def voters(self) -> int:

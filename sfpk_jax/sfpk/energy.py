@@ -23,6 +23,19 @@ from sfpk_jax.sfpk.config import SFPKConfig
 EnergyFn = Callable[[Any, list, Any], tuple[jax.Array, list]]
 
 
+def polarizer_density(config: SFPKConfig) -> str:
+    """The density the polarizer cuts at (:data:`sfpk_jax.core.polarizers.DENSITY_AT`).
+
+    A global polarizer reads the global G. A layer-wise one reads each
+    layer's own G_l with ``local_polarizer="layer"``; by default it reads
+    what the reference hands it, the dynamics' G for every layer: the global
+    G, or sum_l G_l when the dynamics are layer-wise.
+    """
+    if config.scope == "global" or config.local_polarizer == "layer":
+        return "scope"
+    return "global" if config.dynamics == "global" else "sum"
+
+
 def make_energy_fn(
     loss_fn: Callable[[Any, Any], jax.Array],
     layout: MaskLayout,
@@ -33,12 +46,14 @@ def make_energy_fn(
     Args:
       loss_fn: ``loss_fn(params, batch) -> scalar``, pure.
       layout: where the prunable leaves are.
-      config: polarizer, sparsity functional and scope.
+      config: polarizer, sparsity functional and scopes (see :func:`polarizer_density`).
 
     Returns:
       A function of the parameters theta (held fixed: no gradient is taken
       with respect to them), one particle's mask leaves and its batch.
     """
+
+    at = polarizer_density(config)
 
     def energy(mask, params, batch):
         theta = layout.gather(params)
@@ -50,6 +65,7 @@ def make_energy_fn(
             scope=config.scope,
             eps=config.polarizer_eps,
             ratio=config.polarizer_ratio,
+            at=at,
         )
         masked = layout.replace(params, [t * p for t, p in zip(theta, point)])
         if config.compute_dtype == "float32":

@@ -8,13 +8,14 @@ voted scores as the final mask.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
 
 from sfpk_jax.core import channels, topk
 from sfpk_jax.core.masks import MaskLayout, Prunable, path_to_str
@@ -34,6 +35,10 @@ from sfpk_jax.sfpk.state import (
     Trace,
     initial_state,
 )
+
+_LOG = logging.getLogger(__name__)
+# Steps between two log lines when there is no progress bar.
+LOG_EVERY = 10
 
 
 def _check_finite(layout: MaskLayout, theta: list) -> None:
@@ -96,8 +101,17 @@ def sfpk_prune(
     init: SFPKResult | None = None,
     checkpoint: CheckpointPolicy | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    desc: str | None = None,
+    total_params: int | None = None,
 ) -> SFPKResult:
     """Prunes ``params`` with SFPK.
+
+    With channel masks (``config.mask_dim``) the simulation aims, as the
+    reference's does, at the density renormalised over all of the model's
+    parameters, (M - (1 - f) P) / M, where f = sqrt(1 - sparsity) is the kept
+    fraction of every layer's channels, M the weights of the masked leaves
+    and P every parameter of the model; the final mask keeps f of each
+    layer's channels (:func:`sfpk_jax.core.channels.simulation_density`).
 
     Args:
       loss_fn: pure ``loss_fn(params, batch) -> scalar`` (close over batch-norm
@@ -128,6 +142,15 @@ def sfpk_prune(
         (:func:`sfpk_jax.parallel.sharding.default_mesh`). With several
         processes (``jax.distributed``) every process calls ``sfpk_prune``
         with the same arguments and batches; see :mod:`sfpk_jax.parallel.sharding`.
+      desc: the run's name on the progress bar and in the log lines (default:
+        ``SFPK``, followed by the checkpoint folder's name when there is one).
+        With ``config.progress`` off, one line every 10 steps goes to the
+        ``logging`` logger ``sfpk_jax.sfpk.simulation`` at level INFO.
+      total_params: P for channel masks (ignored otherwise; see above). By
+        default every entry of every leaf of ``params``; pass it when the
+        params tree lacks parameters the model has (e.g. to match a PyTorch
+        model whose identity shortcuts carry weights, as the reference's
+        ``lottery_resnet`` ones do).
 
     Returns:
       An :class:`SFPKResult`.
@@ -173,6 +196,10 @@ def sfpk_prune(
     _check_finite(layout, theta)
     mask_sparsity = channels.mask_sparsity(sparsity, config.mask_dim is not None)
     target = 1.0 - mask_sparsity
+    if config.mask_dim is not None:
+        if total_params is None:
+            total_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
+        target = channels.simulation_density(target, layout.total, total_params)
     state = initial_state(layout, config, init)
     start = np.asarray(state.start)
     if np.any(start <= target):
@@ -184,7 +211,8 @@ def sfpk_prune(
     checkpoints = None
     if checkpoint is not None:
         checkpoints = SimulationCheckpoints(
-            checkpoint, fingerprint(config, sparsity, layout.paths, theta, layout.mask_shapes)
+            checkpoint,
+            fingerprint(config, sparsity, layout.paths, theta, layout.mask_shapes, target),
         )
         restored = checkpoints.restore(state)
         if restored is not None:
@@ -194,7 +222,7 @@ def sfpk_prune(
             trace = {f: [np.asarray(row, np.float32) for row in saved_trace[f]] for f in TRACE_FIELDS}
     try:
         state = _simulate(make_stepper(loss_fn, layout, config, target, mesh), params, state, batches,
-                          config, target, trace, checkpoints)
+                          config, target, trace, checkpoints, desc)
     finally:
         if checkpoints is not None:
             checkpoints.close()
@@ -218,18 +246,23 @@ def sfpk_prune(
 
 
 def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKConfig,
-              target: float, trace: dict[str, list], checkpoints) -> SFPKState:
-    """Runs the steps from ``state.step`` on, appending to ``trace``; returns the last state."""
+              target: float, trace: dict[str, list], checkpoints, desc: str | None) -> SFPKState:
+    """Runs the steps from ``state.step`` on, appending to ``trace``; returns the last state.
+
+    Shows a bar (``config.progress``) that stays on screen when done, or else
+    logs one line every :data:`LOG_EVERY` steps (and at the last one).
+    """
     first = int(state.step)
     done = first >= config.steps or (
         config.early_stop and bool(trace["density"]) and trace["density"][-1].mean() <= target
     )
     if done:
         return state
+    if desc is None:
+        desc = "SFPK" + (f" {checkpoints.directory.name}" if checkpoints is not None else "")
     batch_iter = _batch_stream(batches, first)
-    bar = tqdm(range(first, config.steps), initial=first, total=config.steps, desc="SFPK",
-               disable=not config.progress, leave=False)
-    for t in bar:
+    bar = tqdm(initial=first, total=config.steps, desc=desc, disable=not config.progress)
+    for t in range(first, config.steps):
         try:
             batch = next(batch_iter)
         except StopIteration:
@@ -247,9 +280,14 @@ def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKC
             raise FloatingPointError(_fault_message(t, host.faults, checkpoints))
         for f in TRACE_FIELDS:
             trace[f].append(np.asarray(getattr(host, f)))
-        mean_g = float(np.mean(host.density))
-        bar.set_postfix(G=f"{mean_g:.4f}", E=f"{float(np.mean(host.energy)):.4f}")
+        mean_g, mean_e = float(np.mean(host.density)), float(np.mean(host.energy))
+        # Counted here, not by iterating the bar, so that the last step counts too.
+        bar.set_postfix(G=f"{mean_g:.4f}", E=f"{mean_e:.4f}", refresh=False)
+        bar.update(1)
         finished = t + 1 == config.steps or (config.early_stop and mean_g <= target)
+        if not config.progress and (finished or (t + 1) % LOG_EVERY == 0):
+            _LOG.info("%s: step %d/%d, mean density G %.4f (target %.4f), mean energy E %.4f",
+                      desc, t + 1, config.steps, mean_g, target, mean_e)
         if checkpoints is not None and (finished or (t + 1) % checkpoints.policy.every == 0):
             checkpoints.save(t + 1, state, trace)
         if finished:

@@ -27,7 +27,8 @@ class SFPKState(NamedTuple):
       particles: one array per prunable leaf, leading axis n.
       scores: the running vote S, one array per prunable leaf.
       step: index of the next step (int32 scalar).
-      start: the density the run started from (scalar, or (L,) in local scope).
+      start: the density the run started from: a scalar, or one per layer
+        (L,) when the mask's scope is local (the step sizes are per layer then).
     """
 
     particles: list
@@ -39,9 +40,10 @@ class SFPKState(NamedTuple):
 class StepTrace(NamedTuple):
     """Per-particle record of one step, each of shape (n,).
 
-    ``density`` is G before the update (the mean over layers in local scope),
-    ``energy`` E before the update, ``repulsion`` K, ``dt`` the step size (mean
-    over layers in local scope), ``faults`` the particle's non-finite values as
+    ``density`` is the dynamics' G before the update (the mean over layers
+    when the dynamics are layer-wise), ``energy`` E before the update,
+    ``repulsion`` K, ``dt`` the step size (the mean over layers when the
+    mask's scope is local), ``faults`` the particle's non-finite values as
     bits (:data:`FAULTS`; 0 when all is finite).
     """
 
@@ -113,7 +115,8 @@ def initial_state(
         particles and scores, copied.
 
     Returns:
-      The state; its ``start`` is the particles' mean G.
+      The state; its ``start`` is the particles' mean G, per layer when the
+      mask's scope is local (each layer's step sizes start from it).
     """
     n = config.particles
     # float32, or float64 under jax_enable_x64 (for exact comparisons).

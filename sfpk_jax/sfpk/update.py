@@ -6,6 +6,12 @@ The spec's step, for every particle i:
   delta_i = x e_i + y g_i                     (closed form, radius r)
   m_i <- m_i + dt_t delta_i
 then the lowest-energy particles vote into the running scores S.
+
+Two scopes, as in the reference: G, g and the norms of delta follow the
+dynamics' scope (``config.dynamics``); dt, the vote and the final mask
+follow the mask's (``config.scope``). The reference's channel pruning runs
+global dynamics with per-layer step sizes, each layer from its own start
+density (``Methods/sfpk.py``, ``SFPKSystem._calc_dt`` with list targets).
 """
 
 from __future__ import annotations
@@ -33,6 +39,11 @@ def _per_particle(step: jax.Array, leaf: jax.Array, layer: int, scope: str) -> j
     return step.reshape((-1,) + (1,) * (leaf.ndim - 1))
 
 
+def _layer_mean(x: jax.Array, scope: str) -> jax.Array:
+    """(n,) values as they are, (n, L) ones averaged over the layers."""
+    return x if scope == "global" else jnp.mean(x, axis=-1)
+
+
 def sfpk_update(
     state: SFPKState,
     energy: jax.Array,
@@ -50,7 +61,8 @@ def sfpk_update(
       energy_grad: grad E per prunable leaf, leading axis n.
       theta: the prunable parameters.
       config: the hyper-parameters.
-      target: target density f.
+      target: the simulation's target density (for channel masks the
+        renormalised one, see :func:`sfpk_jax.core.channels.simulation_density`).
 
     Returns:
       The state after the step and the step's trace. When any particle's
@@ -58,19 +70,23 @@ def sfpk_update(
       the state is returned unchanged, so the caller still holds the last good
       state.
     """
-    scope, m = config.scope, state.particles
+    scope, dynamics, m = config.scope, config.dynamics, state.particles
     node = [channels.node_size(t.shape, p.shape[1:]) for p, t in zip(m, theta)]
 
-    density, g = jax.vmap(
-        lambda *mi: density_lib.density_and_descent(list(mi), config.sparsity_fn, scope, node))(*m)
+    density, g = jax.vmap(lambda *mi: density_lib.density_and_descent(
+        list(mi), config.sparsity_fn, dynamics, node))(*m)
     k, k_grad = repulsion_lib.repulsion(
-        m, theta, mode=config.repulsion_mode, weighted=config.repulsion_weighted)
+        m, theta, mode=config.repulsion_mode, weighted=config.repulsion_weighted,
+        structured=config.mask_dim is not None)
     e = [-de - config.repulsion * dk for de, dk in zip(energy_grad, k_grad)]
-    delta = jax.vmap(lambda gi, ei: direction_lib.direction(gi, ei, config.radius, scope))(g, e)
+    delta = jax.vmap(lambda gi, ei: direction_lib.direction(gi, ei, config.radius, dynamics))(g, e)
+    # The adaptive schedules re-plan from the dynamics' G: with global dynamics
+    # and per-layer steps, every layer from the one global G, as the reference.
+    current = density[:, None] if dynamics != scope else density
     dt = jnp.broadcast_to(
         schedules.step_size(config.schedule, state.step, config.steps, state.start, target,
-                            density),
-        density.shape)
+                            current),
+        density.shape[:1] if scope == "global" else (density.shape[0], len(m)))
     moved = [mi + _per_particle(dt, mi, l, scope) * di for l, (mi, di) in enumerate(zip(m, delta))]
 
     scores = voting.vote(
@@ -81,9 +97,8 @@ def sfpk_update(
         bad.astype(jnp.int32) << bit
         for bit, bad in enumerate([~jnp.isfinite(energy), _not_finite(energy_grad),
                                    _not_finite(delta)]))
-    layer_mean = (lambda x: x) if scope == "global" else (lambda x: jnp.mean(x, axis=-1))
-    trace = StepTrace(density=layer_mean(density), energy=energy, repulsion=k, dt=layer_mean(dt),
-                      faults=faults)
+    trace = StepTrace(density=_layer_mean(density, dynamics), energy=energy, repulsion=k,
+                      dt=_layer_mean(dt, scope), faults=faults)
     moved_state = SFPKState(moved, scores, state.step + 1, state.start)
     # A select rather than a host round-trip: the step stays one async program.
     kept = jax.tree.map(lambda new, old: jnp.where(jnp.any(faults != 0), old, new),

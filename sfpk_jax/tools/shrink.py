@@ -257,7 +257,9 @@ def _shrink_vgg(module: vgg.VGG, flat: dict, stats: Any, alive: dict) -> Shrunk:
     name = [f"layers_{i}" for i in layers]
     width = [int(module.plan[i]) for i in layers]
     fc_kernel = _require(flat, "fc/kernel", None, "VGG classifier")
-    fc_bias = _require(flat, "fc/bias", (module.num_classes,), "VGG classifier")
+    # The ProbMask form (vgg19_bn) has neither conv nor classifier biases.
+    fc_bias = (_require(flat, "fc/bias", (module.num_classes,), "VGG classifier")
+               if module.bias else None)
     if fc_kernel.shape[1] != module.num_classes or fc_kernel.shape[0] % width[-1]:
         raise ValueError(
             f"fc/kernel has shape {fc_kernel.shape}, which does not follow a last conv of "
@@ -277,7 +279,8 @@ def _shrink_vgg(module: vgg.VGG, flat: dict, stats: Any, alive: dict) -> Shrunk:
                 "pass the variables of this module (same plan)"
             )
         kernels.append(k)
-        conv_b.append(_require(flat, f"{n}/conv/bias", (c,), f"VGG layer {n}"))
+        conv_b.append(_require(flat, f"{n}/conv/bias", (c,), f"VGG layer {n}") if module.bias
+                      else np.zeros(c, k.dtype))
         scales.append(_require(flat, f"{n}/bn/scale", (c,), f"VGG layer {n}"))
         betas.append(_require(flat, f"{n}/bn/bias", (c,), f"VGG layer {n}"))
         means.append(_require(stats, f"{n}/bn/mean", (c,), f"VGG layer {n} batch_stats"))
@@ -291,7 +294,7 @@ def _shrink_vgg(module: vgg.VGG, flat: dict, stats: Any, alive: dict) -> Shrunk:
         next_path = f"{name[li + 1]}/conv/kernel" if li + 1 < len(name) else "fc/kernel"
         next_shape = kernels[li + 1].shape if li + 1 < len(name) else fc_kernel.shape
         used = _row_used(alive, next_path, next_shape, c)
-        # Eval-mode batch norm, written as Flax computes it.
+        # Eval-mode batch norm, written as Flax computes it (conv bias 0 when absent).
         z = conv_b[li].astype(np.float64) - means[li]
         k = np.maximum(z * (scales[li] / np.sqrt(vars_[li].astype(np.float64) + BN_EPSILON))
                        + betas[li], 0.0)
@@ -299,10 +302,12 @@ def _shrink_vgg(module: vgg.VGG, flat: dict, stats: Any, alive: dict) -> Shrunk:
         const.append(np.where(produced, 0.0, k))  # only zero-kernel channels are constant
         folded.append(~produced & used & (k != 0))
 
-    # A constant channel carries folded constants into a following conv. A layer
-    # left with no channel keeps one too, so the module stays valid; the next
-    # layer then reads it through the fold (zero weights when nothing folds).
-    carrier = [bool((li + 1 < len(name) and folded[li].any()) or not keep[li].any())
+    # A constant channel carries folded constants into a following conv, and into
+    # a classifier without bias. A layer left with no channel keeps one too, so
+    # the module stays valid; the next layer then reads it through the fold
+    # (zero weights when nothing folds).
+    carries = [li + 1 < len(name) or fc_bias is None for li in range(len(name))]
+    carrier = [bool((carries[li] and folded[li].any()) or not keep[li].any())
                for li in range(len(name))]
 
     new_flat: dict[str, jax.Array] = {}
@@ -319,7 +324,8 @@ def _shrink_vgg(module: vgg.VGG, flat: dict, stats: Any, alive: dict) -> Shrunk:
         k = np.pad(k, ((0, 0), (0, 0), (0, 0), (0, extra)))  # constant channel: zero kernel
         pad = (lambda v, fill: np.concatenate([v[cols], np.full(extra, fill, v.dtype)]))
         new_flat[f"{n}/conv/kernel"] = _cast(k, kernels[li])
-        new_flat[f"{n}/conv/bias"] = _cast(pad(conv_b[li], 0.0), conv_b[li])
+        if module.bias:
+            new_flat[f"{n}/conv/bias"] = _cast(pad(conv_b[li], 0.0), conv_b[li])
         # Scale 0 and bias 1: BN outputs exactly 1 whatever its input, relu keeps it.
         new_flat[f"{n}/bn/scale"] = _cast(pad(scales[li], 0.0), scales[li])
         new_flat[f"{n}/bn/bias"] = _cast(pad(betas[li], 1.0), betas[li])
@@ -327,14 +333,18 @@ def _shrink_vgg(module: vgg.VGG, flat: dict, stats: Any, alive: dict) -> Shrunk:
         new_stats[f"{n}/bn/var"] = _cast(pad(vars_[li], 1.0), vars_[li])
         rows = cols  # the next layer reads the kept channels (its fold row covers the rest)
 
-    # Classifier: the average pool keeps a constant channel constant, so every
-    # flattened position p adds k_c * W[p, c, :]: fold it into the bias.
+    # Classifier: the final pool (average or max) keeps a constant channel
+    # constant, so every flattened position p adds k_c * W[p, c, :]: fold it
+    # into the bias, or, without one, into the carrier channel's row.
     w = fc_kernel.reshape(positions, width[-1], -1)
     cols = np.flatnonzero(keep[-1])
-    bias = fc_bias + np.einsum("c,pco->o", const[-1] * folded[-1], w.astype(np.float64))
-    w = np.pad(w[:, cols, :], ((0, 0), (0, 1 if carrier[-1] else 0), (0, 0)))
+    fold = np.einsum("c,pco->po", const[-1] * folded[-1], w.astype(np.float64))
+    rows = [w[:, cols, :]] + ([fold[:, None, :] if fc_bias is None else
+                               np.zeros_like(w[:, :1, :])] if carrier[-1] else [])
+    w = np.concatenate(rows, axis=1)
     new_flat["fc/kernel"] = _cast(w.reshape(-1, w.shape[-1]), fc_kernel)
-    new_flat["fc/bias"] = _cast(bias, fc_bias)
+    if fc_bias is not None:
+        new_flat["fc/bias"] = _cast(fc_bias + fold.sum(axis=0), fc_bias)
 
     plan = list(module.plan)
     report = []

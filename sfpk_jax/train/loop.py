@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from tqdm.auto import tqdm
+from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
 
 from sfpk_jax.core.masks import apply_masks
 from sfpk_jax.data.arrays import batch_iterator

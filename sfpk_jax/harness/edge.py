@@ -17,6 +17,7 @@ import os
 import re
 import signal
 import sys
+import threading
 from collections.abc import Callable
 
 # Errors of a full disk, a full quota or a file-size limit (RLIMIT_FSIZE).
@@ -79,13 +80,21 @@ def _unraisablehook(unraisable, default=sys.unraisablehook) -> None:
 
 
 def guarded(main: Callable[..., int]) -> Callable[..., int]:
-    """Wraps an experiment's ``main``: quiet loggers, and a full disk as one line and exit 1."""
+    """Wraps an experiment's ``main``: quiet loggers, and a full disk as one line and exit 1.
+
+    Args:
+      main: the experiment's ``main(argv=None) -> int``.
+
+    Returns:
+      ``main`` wrapped; it raises ``SystemExit(1)`` after the line for a full
+      disk, and any other exception unchanged.
+    """
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
         quiet()
         sys.excepthook, sys.unraisablehook = _excepthook, _unraisablehook
-        if hasattr(signal, "SIGXFSZ"):
+        if hasattr(signal, "SIGXFSZ") and threading.current_thread() is threading.main_thread():
             # A file-size limit then fails the write (EFBIG) instead of killing the process.
             signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         try:

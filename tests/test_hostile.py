@@ -11,7 +11,6 @@ The cases of an adversarial pass (issue 16) that need no training:
 * CIFAR labels of 2**40 and an empty test split, through the experiment;
 * a dense checkpoint holding a NaN, or one that is not a checkpoint;
 * a resume on other data (the data's fingerprint in config.json);
-* a "not found" error without a logging line before it;
 * a full disk recognised in OSErrors and in tensorstore's messages;
 * ``apply_masks`` given particles, a scalar or a transposed mask.
 """
@@ -162,16 +161,6 @@ def test_bad_cifar_files_stop_the_experiment_in_one_line(tmp_path, capsys, case)
          "--batch-size", "2", "--epochs", "1", "--out", str(out)]))
     assert shown in err
     assert not out.exists()
-
-
-def test_dataset_not_found_is_the_only_line(tmp_path, capfd):
-    # capfd: absl's handler writes to the process's stderr, which capsys would miss.
-    with pytest.raises(SystemExit) as exc:
-        pretrain.main(["--dataset", "cifar100", "--data-dir", str(tmp_path), "--out",
-                       str(tmp_path / "o")])
-    assert exc.value.code == 2
-    err = capfd.readouterr().err
-    assert err.startswith("error: cifar100 not found") and err.count("\n") == 1, err
 
 
 # Dense checkpoints ------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ learning rate, other data on resume, a diverged SFPK simulation.
   ``experiments.pretrain`` and in the pretraining phase of the one-shot run.
 * ``--resume`` on other data (same sizes, other pixels) is refused.
 * A diverged SFPK simulation's advice works as given.
+* "Not found" is the only line (no absl warning before it), which only a
+  separate process shows (pytest captures log records itself).
 * ``experiments.pretrain`` never checks ``--prune-batch-size`` (it never prunes).
 """
 
@@ -161,3 +163,12 @@ def test_pretrain_does_not_check_the_prune_batch_size(tmp_path):
     # 512 > the 256 examples of --smoke, but pretraining never prunes.
     assert pretrain.main(["--smoke", "--no-progress", "--epochs", "1", "--prune-batch-size",
                           "512", "--out", str(tmp_path / "o")]) == 0
+
+
+def test_dataset_not_found_is_the_only_line(tmp_path):
+    done = _run("experiments.pretrain", "--dataset", "cifar100", "--data-dir", str(tmp_path),
+                "--out", str(tmp_path / "o"))
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: cifar100 not found") and done.stderr.count("\n") == 1, (
+        done.stderr)
+    assert not (tmp_path / "o").exists()

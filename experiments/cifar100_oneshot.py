@@ -15,7 +15,6 @@ plus ``--resume`` (see docs/long_runs.md).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from sfpk_jax import density_report, harness
@@ -32,6 +31,7 @@ def parse_args(argv=None):
     return harness.finish_args(parser, argv, [harness.recipe_checks], needs_dense=True)
 
 
+@harness.guarded
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = harness.setup(args)
@@ -80,4 +80,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run(main)

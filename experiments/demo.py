@@ -129,6 +129,7 @@ def fit(args, apply_fn, variables, data, *, epochs, optimizer, desc, masks=None)
     return variables
 
 
+@harness.guarded
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
@@ -210,4 +211,4 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run(main)

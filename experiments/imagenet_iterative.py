@@ -17,7 +17,6 @@ continues with the same flags plus ``--resume`` (see docs/long_runs.md).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
@@ -70,6 +69,7 @@ def _checks(args) -> list[harness.Check]:
     return checks
 
 
+@harness.guarded
 def main(argv=None) -> int:
     args = parse_args(argv)
     run = harness.setup(args)
@@ -137,4 +137,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run(main)

@@ -14,7 +14,6 @@ the same flags plus ``--resume`` (see docs/long_runs.md).
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 
 from sfpk_jax import harness
@@ -30,9 +29,10 @@ def parse_args(argv=None):
     return harness.finish_args(parser, argv, [harness.recipe_checks])
 
 
+@harness.guarded
 def main(argv=None) -> int:
     args = parse_args(argv)
-    run = harness.setup(args)
+    run = harness.setup(args, prunes=False)
     out = run.out
     t0 = time.perf_counter()
     variables, accs = harness.fit(run.apply_fn, run.variables, args, run.bundle,
@@ -52,4 +52,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    harness.run(main)

@@ -50,6 +50,7 @@ SLOW_MODULES = {
     # start subprocesses (JAX workers with other device counts or several
     # processes, a Jupyter kernel, run-lock contenders)
     "test_experiments",
+    "test_hostile_runs",
     "test_io",
     "test_multihost",
     "test_notebook",

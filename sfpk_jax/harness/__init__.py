@@ -13,12 +13,13 @@ ends with the outputs an uninterrupted run would have written, bit for bit
 
 The modules, each importing only those listed before it: :mod:`.flags` (the flags,
 the SFPK ones made from :class:`sfpk_jax.SFPKConfig`'s fields),
-:mod:`.progress` (bars or plain log lines), :mod:`.environment` (versions and
-machine for config.json), :mod:`.outdir` (the output folder, ``--resume``,
-``--overwrite``), :mod:`.checks` (``finish_args``, ``--smoke``),
-:mod:`.results` (metrics and outputs), :mod:`.dense` (the dense model from a
-file, checked before any write), :mod:`.training` (data, model, training
-loop), :mod:`.pruning`.
+:mod:`.progress` (bars or plain log lines), :mod:`.edge` (quiet loggers, a full
+disk in one line, clean exits), :mod:`.environment` (versions and machine for
+config.json), :mod:`.outdir` (the output folder, ``--resume``, ``--overwrite``),
+:mod:`.checks` (``finish_args``, ``--smoke``), :mod:`.results` (metrics and
+outputs), :mod:`.dense` (the dense model from a file, checked before any
+write), :mod:`.datafp` (the data's fingerprint), :mod:`.training` (data,
+model, training loop), :mod:`.pruning`.
 """
 
 from sfpk_jax.harness.checks import (
@@ -35,6 +36,7 @@ from sfpk_jax.harness.checks import (
     require,
     sparsities_check,
 )
+from sfpk_jax.harness.edge import guarded, run
 from sfpk_jax.harness.flags import (
     add_common_flags,
     add_config_flags,
@@ -67,8 +69,8 @@ from sfpk_jax.harness.training import (
 __all__ = [
     "Check", "Metrics", "RESUME_LOG", "add_common_flags", "add_config_flags", "add_recipe_flags",
     "batch_split_check", "build_model", "check_config", "count", "csv_items", "dense_model", "fail",
-    "finish_args", "finite", "fit", "list_check", "loaders", "mask_results", "one_line_errors",
-    "open_data", "out_check", "positive_ints", "prune_model", "recipe_checks", "recompute_bn",
-    "remember", "require", "run_title", "save_checkpoint", "setup", "sfpk_config",
+    "finish_args", "finite", "fit", "guarded", "list_check", "loaders", "mask_results",
+    "one_line_errors", "open_data", "out_check", "positive_ints", "prune_model", "recipe_checks", "recompute_bn",
+    "remember", "require", "run", "run_title", "save_checkpoint", "setup", "sfpk_config",
     "sparsities_check", "start", "summarize", "trace_targets", "write_outputs",
 ]

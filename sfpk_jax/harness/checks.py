@@ -20,7 +20,7 @@ from sfpk_jax.harness.flags import (
     one_line_errors,
     sfpk_config,
 )
-from sfpk_jax.harness.outdir import check_out_state
+from sfpk_jax.harness.outdir import check_out_state, inputs_kept
 from sfpk_jax.models import build, registered
 from sfpk_jax.pruners import PRUNERS
 from sfpk_jax.sfpk.config import ConfigError
@@ -29,6 +29,12 @@ from sfpk_jax.sfpk.config import ConfigError
 # add their own.
 SMOKE = {"steps": 3, "particles": 2, "prune_batch_size": 16, "batch_size": 32, "epochs": 2,
          "pretrain_epochs": 1}
+# --seed and --steps must fit what jax and numpy take (a seed offset by the
+# phases' offsets stays an int64; steps count in int32 inside jit).
+SEED_LIMIT = 2**32
+STEPS_LIMIT = 2**31 - 1
+# The smallest change of density that float32 particles can express.
+FLOAT32_STEP = 2.0**-23
 # What --smoke runs on unless --dataset / --data-dir (--model) say otherwise.
 SMOKE_DATASET, SMOKE_MODEL = "digits", "small_cnn"
 
@@ -96,7 +102,13 @@ def sparsities_check(text: str) -> Check:
 
 def out_problem(path: str) -> str | None:
     """Why ``--out`` cannot be used, or None; creates nothing (an unnamed probe file at most)."""
+    if not str(path).strip():
+        return "a folder name (it is empty, which would mean the current directory)"
     out = Path(path)
+    if out.resolve() == Path.cwd().resolve() and any(out.iterdir()) and not (
+            out / "config.json").exists():
+        return ("a folder other than the current directory, which holds other files (an empty "
+                "current directory, or one that holds a run, is fine)")
     if out.exists() and not out.is_dir():
         return "a directory (it is a file)"
     probe = out
@@ -135,7 +147,9 @@ def common_checks(args: argparse.Namespace) -> list[Check]:
                        "checkpoint_every", "synflow_iterations", "mesh_batch"),
         Check("--pretrain-epochs", args.pretrain_epochs, args.pretrain_epochs >= 0,
               "an integer >= 0"),
-        Check("--seed", args.seed, args.seed >= 0, "an integer >= 0"),
+        Check("--seed", args.seed, 0 <= args.seed < SEED_LIMIT,
+              f"an integer in [0, {SEED_LIMIT - 1}]"),
+        Check("--steps", args.steps, args.steps <= STEPS_LIMIT, f"an integer <= {STEPS_LIMIT}"),
         Check("--mesh-batch", args.mesh_batch, args.mesh_batch <= devices,
               f"at most the {devices} devices"),
         Check("--mesh-batch", args.mesh_batch,
@@ -236,6 +250,9 @@ def finish_args(parser: argparse.ArgumentParser, argv,
         _check_dense_source(args, dense_flag)
     _check_prunable(args)
     check_out_state(args)
+    inputs_kept(args, {"--dense-checkpoint": args.dense_checkpoint, "--data-dir": args.data_dir,
+                       **({flag_name(dense_flag): getattr(args, dense_flag)} if dense_flag
+                          else {})})
     return args
 
 
@@ -283,10 +300,20 @@ def _check_dense_source(args: argparse.Namespace, dense_flag: str | None) -> Non
 
 
 def _check_prunable(args: argparse.Namespace) -> None:
-    """The model has weights to prune (shapes only: nothing is computed)."""
+    """The model has weights to prune, and ``--sparsity`` removes one and keeps one.
+
+    Shapes only: nothing is computed. The count is that of the model with 10
+    classes (the fewest of the datasets), so the bounds hold for all of them.
+    """
     shapes = jax.eval_shape(lambda: build(args.model, num_classes=10)[1])
     try:
-        MaskLayout.from_params(shapes["params"], None, args.mask_dim)
+        layout = MaskLayout.from_params(shapes["params"], None, args.mask_dim)
     except ValueError as err:
         fail(f"--model={args.model!r} is not allowed: expected a model with prunable weights "
              f"({err})")
+    low = max(1.0 / layout.total, FLOAT32_STEP)
+    high = 1.0 - low
+    units = "prunable channels" if args.mask_dim is not None else "prunable weights"
+    require([Check("--sparsity", args.sparsity, low <= args.sparsity <= high,
+                   f"a fraction in [{low:.3g}, {high:.6g}]: it must remove at least one of the "
+                   f"{layout.total:,} {units} of --model={args.model} and keep one")])

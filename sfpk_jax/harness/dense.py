@@ -89,18 +89,33 @@ def read_checkpoint(args: argparse.Namespace, variables: dict) -> dict:
         fail(f"--dense-checkpoint={path!r} is not allowed: expected {expected}; it differs: "
              f"{'; '.join(problems)}")
     try:
-        return checkpoints.restore(path, variables)
+        restored = checkpoints.restore(path, variables)
     except (FileNotFoundError, ValueError) as err:
         fail(f"--dense-checkpoint={path!r}: {err}")
+    return finite_model("--dense-checkpoint", path, restored)
+
+
+def finite_model(flag: str, path: str, variables: dict) -> dict:
+    """``variables``, or exit 2 naming the first leaf with a NaN or Inf and how many there are."""
+    for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(variables)[0]:
+        values = np.asarray(leaf)
+        if values.dtype.kind in "fc":
+            bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+            if bad:
+                fail(f"{flag}={path!r} is not allowed: expected a model with finite values; "
+                     f"{path_to_str(leaf_path)} holds {bad} NaN/Inf of {np.size(values)} values (did "
+                     "its training diverge? Train it again with a smaller --lr)")
+    return variables
 
 
 def read_weights(args: argparse.Namespace, variables: dict) -> dict:
     """``--pretrained-weights`` (safetensors) loaded into ``variables``, or exit 2."""
     try:
-        return load_pretrained(args.model, variables, args.pretrained_weights)
+        loaded = load_pretrained(args.model, variables, args.pretrained_weights)
     except (OSError, ValueError) as err:
         fail(f"--pretrained-weights={args.pretrained_weights!r} cannot be used with "
              f"--model={args.model}: {err}")
+    return finite_model("--pretrained-weights", args.pretrained_weights, loaded)
 
 
 def from_file(args: argparse.Namespace, variables: dict) -> dict | None:

@@ -126,7 +126,8 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                    help="output directory (~ and $VARIABLES are expanded, as in every path flag)")
     g.add_argument("--overwrite", action="store_true",
                    help="start again in an --out that holds a finished or interrupted run "
-                        "(removes its results, metrics and checkpoints)")
+                        "(removes the files and checkpoints the experiments wrote there, "
+                        "nothing else)")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last checkpoints; the "
                         "flags must be the run's (only --lr may change, see docs/long_runs.md)")

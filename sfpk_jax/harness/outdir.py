@@ -18,7 +18,10 @@ from sfpk_jax.storage import checkpoints, files
 # things are and what is shown, not what is computed. The environment
 # (versions, machine) is a record, not a flag: see harness/environment.py.
 RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir",
-                  environment.KEY)
+                  environment.KEY, "data")
+# The data's fingerprint in config.json (see harness/datafp.py): compared on
+# --resume apart from the flags, so moved data (--data-dir) is fine, other data is not.
+DATA_KEY = "data"
 # Flags a --resume may change on purpose: the learning rate, to get past a
 # diverged (NaN) epoch; the particle mode, when the run moves to another
 # machine (it changes float rounding only). A change is announced and recorded
@@ -27,9 +30,14 @@ RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every
 RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk", "mesh_batch",
                      "data_parallel")
 RESUME_LOG = "resume_changes"
-# What --overwrite removes before starting again (results.json first: it marks
-# a finished run). Plots are simply rewritten.
-RUN_FILES = ("results.json", "summary.json", "table.md", "metrics.csv", "config.json")
+# What --overwrite removes before starting again, and nothing else: the files
+# the experiments write (results.json first: it marks a finished run), then
+# the checkpoint folders they write under checkpoints/ (and orbax's temporary
+# folders of those). A user's own file in --out is never touched.
+RUN_FILES = ("results.json", "summary.json", "table.md", "metrics.csv", "config.json",
+             "accuracy.png", "density_per_layer.png", "sfpk_trace.png", "accuracy_vs_sparsity.png")
+RUN_CHECKPOINTS = re.compile(r"(dense|pruned|final|round\d+|(train|prune|sfpk)-[A-Za-z0-9._-]+"
+                             r"|values\.json)(\.orbax-checkpoint-tmp\S*)?")
 # How to get past a damaged checkpoint.
 DAMAGED = ("pass --overwrite to start the run again (or, when the folder holds an earlier step, "
            "remove the damaged step's folder to resume from the one before)")
@@ -60,11 +68,50 @@ def _config_changes(out: Path, args: argparse.Namespace) -> list[tuple[str, Any,
     return allowed
 
 
+def _written(out: Path) -> list[Path]:
+    """What --overwrite removes in ``out``: the run's own files and checkpoints, results first."""
+    found = [out / name for name in RUN_FILES if (out / name).is_file()]
+    folder = out / "checkpoints"
+    if folder.is_dir() and not folder.is_symlink():
+        found += sorted(p for p in folder.iterdir() if RUN_CHECKPOINTS.fullmatch(p.name))
+    return found
+
+
+def _inside(path: str, parent: Path) -> bool:
+    """``path`` is ``parent`` or lies under it (links resolved)."""
+    child, parent = Path(path).resolve(), parent.resolve()
+    return child == parent or parent in child.parents
+
+
+def inputs_kept(args: argparse.Namespace, reads: dict[str, str | None]) -> None:
+    """Exits 2 when ``--overwrite`` would delete something this run reads.
+
+    Args:
+      args: the parsed flags.
+      reads: flag -> the path it names (None: not given), e.g. ``--dense-checkpoint``.
+    """
+    if not args.overwrite:
+        return
+    doomed = _written(Path(args.out))
+    for flag, path in reads.items():
+        hit = next((p for p in doomed if path and _inside(path, p)), None)
+        if hit is not None:
+            fail(f"{flag}={path!r} is not allowed with --overwrite --out={args.out!r}: "
+                 f"--overwrite deletes {hit}, which this run reads. Copy it out of --out first, "
+                 "or choose another --out")
+
+
 def _wipe(out: Path) -> None:
-    """What --overwrite removes: results first (they mark a finished run), then the rest."""
-    for name in RUN_FILES:
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    """What --overwrite removes (:func:`_written`): results first, then the rest."""
+    for path in _written(out):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+    try:
+        (out / "checkpoints").rmdir()
+    except OSError:  # absent, or it holds something that is not the run's
+        pass
 
 
 def check_out_state(args: argparse.Namespace) -> tuple[bool, bool]:
@@ -88,7 +135,20 @@ def check_out_state(args: argparse.Namespace) -> tuple[bool, bool]:
     return finished, started
 
 
-def start(args: argparse.Namespace) -> Path:
+def _same_data(out: Path, data: dict | None) -> None:
+    """Exits 2 when config.json records other data than ``data`` (runs that record none pass)."""
+    saved = json.loads((out / "config.json").read_text()).get(DATA_KEY)
+    if data is None or not isinstance(saved, dict):
+        return
+    differ = [f"{key} was {saved.get(key)!r}, now {value!r}" for key, value in data.items()
+              if saved.get(key) != value]
+    if differ:
+        fail(f"--resume: the data differ from those the interrupted run in {out} trained on "
+             f"(config.json, {DATA_KEY!r}): {'; '.join(differ)}. Resume with the run's data, or "
+             "pass --overwrite to start again")
+
+
+def start(args: argparse.Namespace, data: dict | None = None) -> Path:
     """Prepares ``--out`` and writes config.json, or checks it on ``--resume``.
 
     * a new (or unrelated) folder: a fresh run;
@@ -99,6 +159,15 @@ def start(args: argparse.Namespace) -> Path:
       ``--resume`` (same flags) or ``--overwrite``.
 
     Every refusal is one line on stderr and exit code 2.
+
+    Args:
+      args: the parsed flags.
+      data: the data's fingerprint (sizes and digests, see
+        :func:`sfpk_jax.harness.datafp.fingerprint`), recorded in config.json;
+        a ``--resume`` on other data is refused, naming what differs.
+
+    Returns:
+      The output folder.
     """
     out = Path(args.out)
     finished, started = check_out_state(args)
@@ -109,6 +178,7 @@ def start(args: argparse.Namespace) -> Path:
             fail(f"--resume: {out} holds checkpoints but no config.json, so they cannot be "
                  "checked against the flags: pass --overwrite to start again")
         changes = _config_changes(out, args)
+        _same_data(out, data)
         if finished:
             print(f"{out} already holds the finished results of this run (results.json): "
                   "nothing to resume", file=sys.stderr)
@@ -133,7 +203,8 @@ def start(args: argparse.Namespace) -> Path:
     except (files.OutputExistsError, PermissionError) as err:
         fail(str(err))
     _lock(out)
-    files.write_json(out / "config.json", {**vars(args), environment.KEY: environment.environment()})
+    files.write_json(out / "config.json", {**vars(args), environment.KEY: environment.environment(),
+                                           **({} if data is None else {DATA_KEY: data})})
     return out
 
 

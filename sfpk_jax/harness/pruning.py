@@ -19,6 +19,13 @@ from sfpk_jax.storage import checkpoints
 from sfpk_jax.train import make_loss_fn
 
 
+# What to do about a diverged simulation with the experiments' flags: its
+# checkpoints record the configuration and the weights, so --resume cannot
+# take another --radius, --steps or dense model.
+DIVERGED_FIX = ("With the experiments: --resume keeps the simulation's flags, so start the run "
+                "again with --overwrite and a smaller --radius (closer to 1) or more --steps")
+
+
 class Pruned(NamedTuple):
     """One pruning call: the masks, the pruner's whole result and its wall time."""
 
@@ -133,7 +140,7 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
                        sparsity, scope=args.scope, key=jax.random.key(args.seed),
                        mask_dim=args.mask_dim, **options)
     except FloatingPointError as err:
-        fail(f"pruning with {method} diverged: {err}")
+        fail(f"pruning with {method} diverged: {err}. {DIVERGED_FIX}")
     except ResumeError as err:
         fail(str(err))
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))

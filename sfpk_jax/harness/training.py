@@ -13,8 +13,8 @@ import optax
 from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load
 from sfpk_jax.data.pipeline import read_batch
+from sfpk_jax.harness import datafp, progress
 from sfpk_jax.harness import dense as dense_files
-from sfpk_jax.harness import progress
 from sfpk_jax.harness.flags import fail, flag_name
 from sfpk_jax.harness.outdir import (
     DAMAGED,
@@ -53,9 +53,20 @@ class _Subset:
     def read_batch(self, indices):
         return read_batch(self.source, indices)
 
+    @property
+    def labels(self):
+        """The kept examples' labels, when the source holds its labels in memory (else None)."""
+        labels = getattr(self.source, "labels", None)
+        return None if labels is None else labels[: self.size]
 
-def open_data(args: argparse.Namespace) -> DataBundle:
-    """The dataset, or exit 2 with what was looked for and how to provide it."""
+
+def open_data(args: argparse.Namespace, prunes: bool = True) -> DataBundle:
+    """The dataset, or exit 2 with what was looked for and how to provide it.
+
+    Args:
+      args: the parsed flags.
+      prunes: the run prunes, so ``--prune-batch-size`` must fit the data too.
+    """
     try:
         bundle = load(args.dataset, args.data_dir)
     except DatasetNotFoundError as err:
@@ -63,7 +74,7 @@ def open_data(args: argparse.Namespace) -> DataBundle:
     if args.smoke:
         bundle = bundle._replace(train=_Subset(bundle.train, SMOKE_EXAMPLES[0]),
                                  test=_Subset(bundle.test, SMOKE_EXAMPLES[1]))
-    for name in ("batch_size", "prune_batch_size"):
+    for name in ("batch_size", "prune_batch_size")[: 2 if prunes else 1]:
         if getattr(args, name) > len(bundle.train):
             fail(f"{flag_name(name)}={getattr(args, name)} is not allowed: expected at most the "
                  f"{len(bundle.train)} training examples of --dataset={args.dataset}")
@@ -97,18 +108,26 @@ class Setup(NamedTuple):
     dense: dict | None
 
 
-def setup(args: argparse.Namespace) -> Setup:
+def setup(args: argparse.Namespace, prunes: bool = True) -> Setup:
     """Data, fresh model, the dense model's file, then the output folder and metrics file.
 
     Everything that is read comes first, so that a missing dataset, an
     unusable model or a dense checkpoint of another model stops the run
     before config.json (or anything else) is written.
+
+    Args:
+      args: the parsed flags.
+      prunes: the run prunes (``experiments.pretrain`` does not, so its
+        ``--prune-batch-size`` is not checked against the data).
+
+    Returns:
+      The :class:`Setup`.
     """
     progress.configure(args)
-    bundle = open_data(args)
+    bundle = open_data(args, prunes)
     apply_fn, variables = build_model(args, bundle)
     dense = dense_files.from_file(args, variables)
-    out = start(args)
+    out = start(args, datafp.fingerprint(bundle))
     return Setup(bundle, out, Metrics(out / "metrics.csv"), apply_fn, variables, dense)
 
 

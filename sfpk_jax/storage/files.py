@@ -126,9 +126,16 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
     complete file or the new complete file, never a part, even when the
     writer is killed. A killed writer may leave its temporary file behind;
     nothing reads those.
+
+    Raises:
+      OSError: the file cannot be written (full disk, no permission); its
+        ``filename`` is ``path``.
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as err:
+        raise _named(err, path) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -136,10 +143,18 @@ def write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise _named(err, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _sync_dir(path.parent)
+
+
+def _named(err: OSError, path: Path) -> OSError:
+    """``err`` naming ``path`` (a failed ``write()``, e.g. on a full disk, names no file)."""
+    return err if err.filename else type(err)(err.errno, err.strerror, str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

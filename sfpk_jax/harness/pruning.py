@@ -23,7 +23,9 @@ from sfpk_jax.train import make_loss_fn
 # checkpoints record the configuration and the weights, so --resume cannot
 # take another --radius, --steps or dense model.
 DIVERGED_FIX = ("With the experiments: --resume keeps the simulation's flags, so start the run "
-                "again with --overwrite and a smaller --radius (closer to 1) or more --steps")
+                "again with --overwrite and a smaller --radius (closer to 1) or more --steps; "
+                "to keep a dense model this run trained, use a new --out with --dense-checkpoint "
+                "pointing at this run's checkpoints/dense instead")
 
 
 class Pruned(NamedTuple):

@@ -121,7 +121,8 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
         def stream(start: int = 0):
             return particle_loader(bundle.train, particles, args.prune_batch_size,
                                    transform=bundle.train_transform,
-                                   seed=args.seed + seed_offset, start=start)
+                                   seed=args.seed + seed_offset, start=start,
+                                   workers=args.workers)
 
         # A simulation takes the batches as a function of the first step, so
         # that a resumed one reads from there without replaying the others.

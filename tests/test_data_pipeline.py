@@ -80,6 +80,18 @@ def test_epochs_are_reproducible_and_distinct(source):
     assert not _equal(list(loader), e1) and _equal(list(loader), e1)
 
 
+def test_epochs_run_back_to_back_through_one_iterator(source):
+    loader = Loader(source, B, transform=TRAIN, seed=6)
+    joined = list(loader.epochs(1, 3))
+    assert _equal(joined, list(loader.epoch(1)) + list(loader.epoch(2)))
+    it = loader.epochs(1, 3)
+    for _ in range(len(loader) + 1):  # into the second epoch
+        next(it)
+    assert _equal(list(loader.epochs(1, 3, it.get_state())), joined[len(loader) + 1 :])
+    with pytest.raises(ValueError, match="first < stop"):
+        loader.epochs(2, 2)
+
+
 def test_augmentation_differs_between_epochs_even_without_shuffle(source):
     loader = Loader(source, B, transform=TRAIN, seed=0, shuffle=False)
     first, second = next(loader.epoch(0)), next(loader.epoch(1))

@@ -271,23 +271,39 @@ class Loader:
         return self.epoch(epoch)
 
     def epoch(self, epoch: int, state: dict | None = None) -> grain.DatasetIterator:
-        """The batches of one epoch, reproducible on their own.
+        """The batches of one epoch, reproducible on their own: :meth:`epochs` ``(epoch, epoch + 1)``.
 
         Args:
           epoch: non-negative epoch number.
-          state: a ``get_state()`` of an earlier iterator of this epoch, to
-            continue where it stood (mid-epoch resume); None: from the start.
+          state: see :meth:`epochs`.
 
         Returns:
           A ``grain.DatasetIterator`` of ``{"image": (B, ...), "label": int32
           (B,)}``; ``close()`` it to stop its workers early.
+        """
+        return self.epochs(epoch, epoch + 1, state)
+
+    def epochs(self, first: int, stop: int, state: dict | None = None) -> grain.DatasetIterator:
+        """The batches of epochs ``first .. stop - 1`` back to back, through one iterator.
+
+        One iterator starts its worker processes once for all those epochs.
+
+        Args:
+          first: non-negative first epoch.
+          stop: the epoch after the last, greater than ``first``.
+          state: a ``get_state()`` of an earlier iterator over the same
+            epochs, to continue where it stood (e.g. mid-epoch after a
+            resume); None: from the start.
+
+        Returns:
+          A ``grain.DatasetIterator`` of ``len(self) * (stop - first)`` batches.
 
         Raises:
-          ValueError: a negative epoch.
+          ValueError: a negative or empty range of epochs.
         """
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        it = iterate(self.dataset[epoch * self.steps : (epoch + 1) * self.steps],
+        if not 0 <= first < stop:
+            raise ValueError(f"epochs must satisfy 0 <= first < stop, got first={first}, stop={stop}")
+        it = iterate(self.dataset[first * self.steps : stop * self.steps],
                      workers=self.workers, prefetch=self.prefetch)
         if state is not None:
             it.set_state(state)

@@ -171,7 +171,7 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
         "masks_sha256": None if masks is None else checkpoints.tree_digest(masks),
         "start_sha256": checkpoints.tree_digest(variables),
     }
-    accs, first, resumed = [], 1, None
+    accs, first, resumed, record = [], 1, None, {}
     with checkpoints.Series(checkpoint_dir(args) / f"train-{slug(phase)}") as series, \
             checkpoints.Series(checkpoint_dir(args) / f"train-{slug(phase)}-steps") as steps:
         try:
@@ -203,49 +203,59 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
         # One bar per phase over all its steps, left on screen when done.
         bar = progress.bar(args, desc=phase, total=epochs * len(train),
                            initial=(first - 1) * len(train), unit="step")
-        if resumed is not None:
-            bar.update(resumed["position"])
-        for epoch in range(first, epochs + 1):
-            t0 = time.perf_counter()
-            data_state, position, chunks = None, 0, []
-            if resumed is not None and epoch == first:
-                data_state, position, chunks = (resumed["data_state"], resumed["position"],
-                                                resumed["chunks"])
-            batches = train.epoch(epoch, data_state)
-            try:
-                # The epoch in chunks that end at multiples of --checkpoint-steps,
-                # whether or not it was resumed, so that the losses add up alike.
-                while position < len(train):
-                    end = min(len(train), (position // args.checkpoint_steps + 1)
-                              * args.checkpoint_steps)
-                    variables, opt_state, loss = train_epoch(
-                        apply_fn, variables, opt_state,
-                        progress.counted(itertools.islice(batches, end - position), bar),
-                        optimizer=tx, masks=masks, label_smoothing=args.label_smoothing,
-                        epoch=epoch, mesh=mesh,
-                    )
-                    chunks.append([loss, end - position])
-                    position = end
-                    if position < len(train):
-                        steps.save((epoch - 1) * len(train) + position,
-                                   {"variables": variables, "opt_state": opt_state},
-                                   {"fingerprint": fingerprint, "position": position,
-                                    "data_state": batches.get_state(), "chunks": chunks})
-            except FloatingPointError as err:
-                fail(_diverged(args, phase, epoch, err, series.directory))
-            finally:
-                batches.close()
-            loss = sum(mean * count for mean, count in chunks) / len(train)
-            accs.append(evaluate_batches(apply_fn, variables, test.epoch(0)))
-            row = {"phase": phase, "epoch": epoch, "train_loss": round(loss, 6),
-                   "test_acc": accs[-1]}
-            # The checkpoint first: a metrics row on disk always has one.
-            series.save(epoch, {"variables": variables, "opt_state": opt_state},
-                        {"fingerprint": fingerprint, "accs": accs, "rows": [*metrics.rows, row]})
-            metrics.add(**row)
-            bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.3f}", acc=f"{accs[-1]:.4f}")
-            progress.LOG.info("%s: epoch %d/%d, train loss %.4f, test accuracy %.4f (%.1f s)",
-                              phase, epoch, epochs, loss, accs[-1], time.perf_counter() - t0)
+        # One iterator for the whole phase (worker processes start once); its
+        # grain state, saved with every checkpoint, says where to continue.
+        data_state = (resumed or record).get("data_state")
+        if first <= epochs and first > 1 and data_state is None:
+            fail(f"--resume: the checkpoints in {series.directory} hold no data iterator state "
+                 "(written before the grain loaders): pass --overwrite to start the phase again")
+        batches = train.epochs(1, epochs + 1, data_state) if first <= epochs else None
+        evals = test.epochs(first, epochs + 1) if first <= epochs else None
+        position, chunks = (0, []) if resumed is None else (resumed["position"], resumed["chunks"])
+        bar.update(position)
+        try:
+            for epoch in range(first, epochs + 1):
+                t0 = time.perf_counter()
+                try:
+                    # The epoch in chunks that end at multiples of --checkpoint-steps,
+                    # whether or not it was resumed, so that the losses add up alike.
+                    while position < len(train):
+                        end = min(len(train), (position // args.checkpoint_steps + 1)
+                                  * args.checkpoint_steps)
+                        variables, opt_state, loss = train_epoch(
+                            apply_fn, variables, opt_state,
+                            progress.counted(itertools.islice(batches, end - position), bar),
+                            optimizer=tx, masks=masks, label_smoothing=args.label_smoothing,
+                            epoch=epoch, mesh=mesh,
+                        )
+                        chunks.append([loss, end - position])
+                        position = end
+                        if position < len(train):
+                            steps.save((epoch - 1) * len(train) + position,
+                                       {"variables": variables, "opt_state": opt_state},
+                                       {"fingerprint": fingerprint, "position": position,
+                                        "data_state": batches.get_state(), "chunks": chunks})
+                except FloatingPointError as err:
+                    fail(_diverged(args, phase, epoch, err, series.directory))
+                loss = sum(mean * count for mean, count in chunks) / len(train)
+                position, chunks = 0, []
+                accs.append(evaluate_batches(apply_fn, variables,
+                                             itertools.islice(evals, len(test))))
+                row = {"phase": phase, "epoch": epoch, "train_loss": round(loss, 6),
+                       "test_acc": accs[-1]}
+                # The checkpoint first: a metrics row on disk always has one.
+                series.save(epoch, {"variables": variables, "opt_state": opt_state},
+                            {"fingerprint": fingerprint, "accs": accs, "rows": [*metrics.rows, row],
+                             "data_state": batches.get_state()})
+                metrics.add(**row)
+                bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.3f}",
+                                acc=f"{accs[-1]:.4f}")
+                progress.LOG.info("%s: epoch %d/%d, train loss %.4f, test accuracy %.4f (%.1f s)",
+                                  phase, epoch, epochs, loss, accs[-1], time.perf_counter() - t0)
+        finally:
+            for iterator in (batches, evals):
+                if iterator is not None:
+                    iterator.close()
         bar.close()
     return variables, accs
 

@@ -56,6 +56,8 @@ SLOW_MODULES = {
     "test_notebook",
     "test_resume",
     "test_resume_experiments",
+    "test_resume_midepoch",
+    "test_data_workers",  # grain worker processes
     "test_sharding",
     # run experiments (or their command line), benchmarks or
     # prune-and-retrain recipes end to end

@@ -70,3 +70,15 @@ def test_conv_variants_match_lax(conv, stride, padding, kernel):
     loss = lambda f: (lambda x, k: jnp.sum(jnp.sin(f(x, k))))
     for g_got, g_ref in zip(jax.grad(loss(got), (0, 1))(x, k), jax.grad(loss(ref), (0, 1))(x, k)):
         np.testing.assert_allclose(g_got, g_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_input_pipeline_tiny(capsys):
+    from benchmarks import input_pipeline
+
+    input_pipeline.main(["--tiny"])
+    report = _last_json(capsys)
+    for name in ("imagenet", "cifar"):
+        assert set(report[name]) == {"0", "1", "2"}
+        assert all(rate > 0 for rate in report[name].values()), report
+        assert all(wait >= 0 for wait in report[f"{name}_wait_ms"].values())
+    assert len(report["load_average"]) == 3 and report["jpeg_kb"] > 0

@@ -32,7 +32,7 @@ def test_splits_through_mocked_tfds(tmp_path, mock_imagenet):
     assert set(example) == {"image", "label"}
     assert example["image"].dtype == np.uint8 and example["image"].ndim == 3 and example["image"].shape[2] == 3
     assert example["label"].dtype == np.int32 and 0 <= int(example["label"]) < 1000
-    batch = splits.validation.read_batch([3, 1])
+    batch = splits.validation.read_batch([3, 1])  # batched reads (CIFAR via tfds uses them)
     np.testing.assert_array_equal(batch[0]["image"], splits.validation[3]["image"])
 
 
@@ -76,15 +76,20 @@ def test_random_resized_crop_falls_back_to_center():
 def test_train_transform_shape_determinism_and_flip():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((50, 70), (90, 40), (64, 64))]
-    a = imagenet_train(images, np.random.default_rng(1))
+    def train(seed, **kw):
+        rng = np.random.default_rng(seed)
+        return np.stack([imagenet_train(im, rng, **kw) for im in images])
+
+    a = train(1)
     assert a.shape == (3, 224, 224, 3) and a.dtype == np.float32
-    np.testing.assert_array_equal(a, imagenet_train(images, np.random.default_rng(1)))
-    assert not np.array_equal(a, imagenet_train(images, np.random.default_rng(2)))
+    np.testing.assert_array_equal(a, train(1))
+    assert not np.array_equal(a, train(2))
     # An image whose left half is black and right half white: each output is
     # dark on one side and bright on the other, and flips make both occur.
     image = np.zeros((64, 64, 3), np.uint8)
     image[:, 32:] = 255
-    out = imagenet_train([image] * 16, np.random.default_rng(3), size=32)
+    images = [image] * 16
+    out = train(3, size=32)
     left_brighter = out[:, :, 0].mean(axis=(1, 2)) > out[:, :, -1].mean(axis=(1, 2))
     assert 0 < left_brighter.sum() < 16
 
@@ -92,13 +97,13 @@ def test_train_transform_shape_determinism_and_flip():
 def test_eval_transform_resizes_and_center_crops():
     # Constant colour survives bilinear resizing exactly.
     image = np.full((300, 400, 3), (10, 120, 250), np.uint8)
-    out = imagenet_eval([image, image[:100]])
+    out = np.stack([imagenet_eval(image), imagenet_eval(image[:100])])
     assert out.shape == (2, 224, 224, 3) and out.dtype == np.float32
     expected = (np.asarray((10, 120, 250)) / 255 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)
     # A centred marker stays centred: rows/cols symmetric around the middle.
     marked = np.zeros((256, 512, 3), np.uint8)
     marked[118:138, 246:266] = 255
-    centre = imagenet_eval([marked])[0, :, :, 0]
+    centre = imagenet_eval(marked)[:, :, 0]
     bright = np.argwhere(centre > centre.min() + 1)
     assert abs(bright.mean(axis=0) - 111.5).max() < 1.0

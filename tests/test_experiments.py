@@ -183,6 +183,8 @@ BAD_FLAGS = [
     ("oneshot", ["--mask-dim", "diag"], "--mask-dim", "diag"),
     ("oneshot", ["--mask-dim", "out"], "--mask-dim", "local"),
     ("oneshot", ["--seed", "-1"], "--seed", ">= 0"),
+    ("oneshot", ["--data-workers", "-1"], "--data-workers", ">= 0"),
+    ("pretrain", ["--checkpoint-steps", "0"], "--checkpoint-steps", ">= 1"),
     ("oneshot", ["--pretrain-epochs", "-1"], "--pretrain-epochs", ">= 0"),
     ("oneshot", ["--pretrain-epochs", "0"], "--dense-checkpoint", "no dense model"),
     ("oneshot", ["--lr", "0"], "--lr", "> 0"),

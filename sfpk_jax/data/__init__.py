@@ -2,8 +2,9 @@
 
 * :func:`load` (+ :data:`DATASETS`): every dataset by name, as a
   :class:`DataBundle` of random-access sources and transforms.
-* :class:`Loader` / :func:`particle_loader`: seeded, prefetched batches from
-  any source.
+* :class:`Loader` / :func:`particle_loader`: grain pipelines over any source:
+  seeded per-epoch shuffles and per-example augmentations, shards per JAX
+  process, worker processes, prefetch and checkpointable iterator state.
 * The embedded digits (:func:`load_digits`, :func:`batch_iterator`,
   :func:`particle_batches`) need no download.
 """
@@ -30,7 +31,11 @@ from sfpk_jax.data.pipeline import (
     ArraySource,
     Loader,
     RandomAccessSource,
+    batches,
+    iterate,
     particle_loader,
+    shard,
+    steps_per_epoch,
 )
 from sfpk_jax.data.registry import DATASETS, DataBundle, load
 from sfpk_jax.data.tfds_source import TfdsSource, open_tfds
@@ -48,12 +53,14 @@ __all__ = [
     "TfdsSource",
     "Transform",
     "batch_iterator",
+    "batches",
     "cifar_eval",
     "cifar_train",
     "cifar_transforms",
     "identity",
     "imagenet_eval",
     "imagenet_train",
+    "iterate",
     "load",
     "load_cifar",
     "load_digits",
@@ -63,4 +70,6 @@ __all__ = [
     "particle_batches",
     "particle_loader",
     "random_resized_crop_box",
+    "shard",
+    "steps_per_epoch",
 ]

@@ -1,4 +1,8 @@
-"""Batches from in-memory arrays: shuffled epochs and endless per-particle mini-batches."""
+"""Batches from in-memory arrays: shuffled epochs and endless per-particle mini-batches.
+
+Thin conveniences over :mod:`sfpk_jax.data.pipeline` (grain) for arrays that
+are already preprocessed, such as the embedded digits.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +10,9 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 
+from sfpk_jax.data.pipeline import ArraySource, batches, iterate, particle_loader, steps_per_epoch
+
 Seed = int | Sequence[int]
-
-
-def _check_batch_size(batch_size: int, num_examples: int) -> None:
-    if not 1 <= batch_size <= num_examples:
-        raise ValueError(
-            f"batch_size must lie in [1, {num_examples}] (the number of examples), "
-            f"got {batch_size}"
-        )
-
-
-def _check_pairs(x: np.ndarray, y: np.ndarray) -> None:
-    if len(x) != len(y):
-        raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
 
 
 def batch_iterator(
@@ -31,7 +24,7 @@ def batch_iterator(
     shuffle: bool = True,
     drop_last: bool = True,
 ) -> Iterator[dict[str, np.ndarray]]:
-    """Yields the mini-batches of one epoch.
+    """The mini-batches of one epoch.
 
     Args:
       x: images, leading axis indexes examples.
@@ -42,24 +35,15 @@ def batch_iterator(
       drop_last: skip the final batch when it would be smaller than
         ``batch_size``.
 
-    Yields:
-      Dicts ``{"image": x[idx], "label": y[idx]}``.
+    Returns:
+      An iterator of dicts ``{"image": x[idx], "label": int32 y[idx]}``.
+
+    Raises:
+      ValueError: mismatched lengths or a batch size out of range.
     """
-    _check_pairs(x, y)
-    _check_batch_size(batch_size, len(x))
-    order = np.random.default_rng(seed).permutation(len(x)) if shuffle else np.arange(len(x))
-    stop = len(x) - len(x) % batch_size if drop_last else len(x)
-    for start in range(0, stop, batch_size):
-        idx = order[start : start + batch_size]
-        yield {"image": x[idx], "label": y[idx]}
-
-
-def _particle_indices(rng: np.random.Generator, num_examples: int, batch_size: int) -> Iterator[np.ndarray]:
-    """Endless batches of indices for one particle: epochs of fresh permutations."""
-    while True:
-        order = rng.permutation(num_examples)
-        for start in range(0, num_examples - batch_size + 1, batch_size):
-            yield order[start : start + batch_size]
+    source = ArraySource(x, y)
+    dataset = batches(source, batch_size, transform=None, seed=seed, shuffle=shuffle, drop_last=drop_last)
+    return iterate(dataset[: steps_per_epoch(len(source), batch_size, drop_last)], prefetch=0)
 
 
 def particle_batches(
@@ -69,7 +53,8 @@ def particle_batches(
 
     Each particle walks its own random permutations of the data (an epoch at a
     time, dropping the remainder), so particles see independent batches and no
-    example repeats within a particle's batch.
+    example repeats within a particle's batch (see
+    :func:`sfpk_jax.data.particle_loader`).
 
     Args:
       x: images, leading axis indexes examples.
@@ -78,15 +63,10 @@ def particle_batches(
       batch_size: examples per particle and step, in [1, len(x)].
       seed: seed (or sequence of ints) of all the draws.
 
-    Yields:
-      Dicts ``{"image": (n, batch_size, ...), "label": (n, batch_size)}``.
+    Returns:
+      An endless iterator of ``{"image": (n, batch_size, ...), "label": (n, batch_size)}``.
+
+    Raises:
+      ValueError: mismatched lengths, bad sizes or particle count.
     """
-    _check_pairs(x, y)
-    _check_batch_size(batch_size, len(x))
-    if n < 1:
-        raise ValueError(f"n (the number of particles) must be at least 1, got {n}")
-    children = np.random.SeedSequence(seed).spawn(n)
-    streams = [_particle_indices(np.random.default_rng(c), len(x), batch_size) for c in children]
-    while True:
-        idx = np.stack([next(s) for s in streams])
-        yield {"image": x[idx], "label": y[idx]}
+    return particle_loader(ArraySource(x, y), n, batch_size, transform=None, seed=seed, prefetch=0)

@@ -1,11 +1,14 @@
-"""Image augmentation and normalisation in numpy, for uint8 NHWC batches.
+"""The paper's image augmentations and normalisation, one uint8 HWC image at a time.
 
-Every transform has the signature ``transform(images, rng) -> float32 NHWC``:
-``images`` is a uint8 array ``(B, H, W, C)`` or, for datasets with images of
-varying size (ImageNet), a sequence of ``(H, W, C)`` arrays; ``rng`` is a
-:class:`numpy.random.Generator` and the only source of randomness, so a
-transform is deterministic given the generator's state. Evaluation transforms
-ignore it.
+Every transform has the signature ``transform(image, rng) -> float32 HWC``:
+``image`` is one uint8 ``(H, W, C)`` array (ImageNet's vary in size) and
+``rng`` a :class:`numpy.random.Generator`, the only source of randomness, so
+a transform is deterministic given the generator's state. Evaluation
+transforms ignore it. The loaders (:mod:`sfpk_jax.data.pipeline`) call them
+through grain's ``random_map``, which hands each example its own generator.
+
+Hand-written because grain ships no image ops: the crops, flips and resizes
+must be torchvision's (the paper's protocol), in numpy and PIL.
 """
 
 from __future__ import annotations
@@ -17,8 +20,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-Images = np.ndarray | Sequence[np.ndarray]
-Transform = Callable[[Images, np.random.Generator], np.ndarray]
+Transform = Callable[[np.ndarray, np.random.Generator | None], np.ndarray]
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -28,85 +30,82 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def normalize(images: Images, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
     """Scales uint8 pixels to [0, 1], then standardises each channel.
 
     Args:
-      images: uint8 batch ``(B, H, W, C)`` (or a sequence of equal-size images).
+      image: uint8 ``(..., C)`` pixels (one image, or a batch).
       mean: per-channel mean of the [0, 1] pixels.
       std: per-channel standard deviation of the [0, 1] pixels.
 
     Returns:
-      float32 ``(images / 255 - mean) / std``.
+      float32 ``(image / 255 - mean) / std``.
     """
-    x = np.asarray(images, np.float32) / np.float32(255.0)
+    x = np.asarray(image, np.float32) / np.float32(255.0)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def identity(images: Images, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The transform of already-preprocessed data: stacks the images as float32.
+def identity(image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+    """The transform of already-preprocessed data: the image as float32.
 
     Args:
-      images: a batch, or a sequence of equal-size images.
+      image: one image.
       rng: ignored.
 
     Returns:
-      The images as one float32 array.
+      The image as a float32 array.
     """
     del rng
-    return np.asarray(images, np.float32)
+    return np.asarray(image, np.float32)
 
 
 def cifar_train(
-    images: Images,
+    image: np.ndarray,
     rng: np.random.Generator,
     *,
     mean: Sequence[float],
     std: Sequence[float],
     pad: int = 4,
 ) -> np.ndarray:
-    """Zero-pads, randomly crops back to the input size, flips half, normalises.
-
-    Vectorised over the batch: the crop and the flip are one gather.
+    """Zero-pads, randomly crops back to the input size, flips half the time, normalises.
 
     Args:
-      images: uint8 batch ``(B, H, W, C)``.
-      rng: source of the crop offsets and flips (drawn in that order).
+      image: uint8 ``(H, W, C)``.
+      rng: source of the crop offset (top, left) and then the flip.
       mean: per-channel mean of the [0, 1] pixels.
       std: per-channel standard deviation of the [0, 1] pixels.
       pad: zero border added on each side before cropping.
 
     Returns:
-      float32 ``(B, H, W, C)``.
+      float32 ``(H, W, C)``.
     """
-    images = np.asarray(images)
-    b, h, w, _ = images.shape
-    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    top, left = rng.integers(0, 2 * pad + 1, size=(2, b))
-    flip = rng.random(b) < 0.5
-    rows = top[:, None] + np.arange(h)
-    cols = left[:, None] + np.arange(w)
-    cols = np.where(flip[:, None], cols[:, ::-1], cols)
-    crops = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
-    return normalize(crops, mean, std)
+    image = np.asarray(image)
+    h, w = image.shape[:2]
+    top, left = rng.integers(0, 2 * pad + 1, size=2) - pad
+    # The window of the zero-padded image, without building the padded copy.
+    crop = np.zeros_like(image)
+    crop[max(0, -top) : h - max(0, top), max(0, -left) : w - max(0, left)] = image[
+        max(0, top) : h + min(0, top), max(0, left) : w + min(0, left)
+    ]
+    return normalize(crop[:, ::-1] if rng.random() < 0.5 else crop, mean, std)
 
 
 def cifar_eval(
-    images: Images, rng: np.random.Generator | None = None, *, mean: Sequence[float], std: Sequence[float]
+    image: np.ndarray, rng: np.random.Generator | None = None, *, mean: Sequence[float], std: Sequence[float]
 ) -> np.ndarray:
     """Normalisation only.
 
     Args:
-      images: uint8 batch ``(B, H, W, C)``.
+      image: uint8 ``(H, W, C)``.
       rng: ignored.
       mean: per-channel mean of the [0, 1] pixels.
       std: per-channel standard deviation of the [0, 1] pixels.
 
     Returns:
-      float32 ``(B, H, W, C)``.
+      float32 ``(H, W, C)``.
     """
     del rng
-    return normalize(images, mean, std)
+    return normalize(image, mean, std)
 
 
 def cifar_transforms(name: str) -> tuple[Transform, Transform]:
@@ -171,48 +170,42 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def imagenet_train(images: Images, rng: np.random.Generator, *, size: int = 224) -> np.ndarray:
-    """Random-resized crop to ``size`` (bilinear), horizontal flip of half, normalisation.
+def imagenet_train(image: np.ndarray, rng: np.random.Generator, *, size: int = 224) -> np.ndarray:
+    """Random-resized crop to ``size`` (bilinear), horizontal flip half the time, normalisation.
 
     Args:
-      images: uint8 images ``(H, W, 3)`` of any sizes (a sequence or a batch).
-      rng: source of the crops and flips (per image: crop, then flip).
+      image: uint8 ``(H, W, 3)`` of any size.
+      rng: source of the crop, then the flip.
       size: output height and width.
 
     Returns:
-      float32 ``(B, size, size, 3)``.
+      float32 ``(size, size, 3)``.
     """
-    out = []
-    for image in images:
-        top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng)
-        crop = np.asarray(
-            Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-        )
-        out.append(crop[:, ::-1] if rng.random() < 0.5 else crop)
-    return normalize(np.stack(out), IMAGENET_MEAN, IMAGENET_STD)
+    top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng)
+    crop = np.asarray(
+        Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    )
+    return normalize(crop[:, ::-1] if rng.random() < 0.5 else crop, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def imagenet_eval(
-    images: Images, rng: np.random.Generator | None = None, *, size: int = 224, resize: int = 256
+    image: np.ndarray, rng: np.random.Generator | None = None, *, size: int = 224, resize: int = 256
 ) -> np.ndarray:
     """Resizes the shorter side to ``resize`` (bilinear), center-crops ``size``, normalises.
 
     Args:
-      images: uint8 images ``(H, W, 3)`` of any sizes (a sequence or a batch).
+      image: uint8 ``(H, W, 3)`` of any size.
       rng: ignored.
       size: output height and width.
       resize: length of the shorter side before cropping.
 
     Returns:
-      float32 ``(B, size, size, 3)``.
+      float32 ``(size, size, 3)``.
     """
     del rng
-    out = []
-    for image in images:
-        h, w = image.shape[:2]
-        # As torchvision's Resize(int): the longer side is truncated, not rounded.
-        new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
-        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
-        top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-        out.append(resized[top : top + size, left : left + size])
-    return normalize(np.stack(out), IMAGENET_MEAN, IMAGENET_STD)
+    h, w = image.shape[:2]
+    # As torchvision's Resize(int): the longer side is truncated, not rounded.
+    new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
+    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+    return normalize(resized[top : top + size, left : left + size], IMAGENET_MEAN, IMAGENET_STD)

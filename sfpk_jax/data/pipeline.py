@@ -1,30 +1,32 @@
-"""A source-agnostic batch loader with seeded augmentation and background prefetch.
+"""Seeded, sharded, prefetched batches on grain, for any random-access source.
 
 A *source* is anything with ``__len__`` and ``__getitem__(i) -> {"image",
-"label"}`` (numpy): :class:`ArraySource` for in-memory arrays, the
-tensorflow-datasets sources of :mod:`sfpk_jax.data.tfds_source`, or a raw
-``tfds.data_source``. A source may also offer ``read_batch(indices)`` to read
-several examples at once.
+"label"}`` (numpy):
+:class:`ArraySource` for in-memory arrays, the tensorflow-datasets sources of
+:mod:`sfpk_jax.data.tfds_source`, or a raw ``tfds.data_source``.
+
+Everything else is grain's: :func:`batches` builds one endless
+``grain.MapDataset`` (a per-epoch shuffle, a per-example seeded augmentation
+through ``random_map``, this JAX process's shard, batches that never cross an
+epoch), so step ``s`` is a pure function of ``(seed, s)``; iterating it goes
+through ``to_iter_dataset`` (reader threads, prefetch) and ``mp_prefetch``
+(worker processes for decoding and augmentation), whose iterators carry a
+checkpointable state (``get_state``/``set_state``).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import sys
+from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, runtime_checkable
 
+import grain
 import numpy as np
+from absl import flags
 
 from sfpk_jax.data.augment import Transform
 
 Batch = dict[str, np.ndarray]
-
-# Prefix of the prefetch threads' names, so that they can be told apart.
-THREAD_NAME = "sfpk-data-prefetch"
-
-# How often (seconds) a blocked producer checks whether the consumer has gone.
-_POLL_S = 0.05
 
 
 @runtime_checkable
@@ -45,6 +47,9 @@ class ArraySource:
         Args:
           images: images, leading axis indexes examples.
           labels: labels aligned with ``images``.
+
+        Raises:
+          ValueError: the lengths differ.
         """
         if len(images) != len(labels):
             raise ValueError(f"images and labels must have the same length, got {len(images)} and {len(labels)}")
@@ -57,115 +62,163 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {"image": self.images[index], "label": self.labels[index]}
 
-    def read_batch(self, indices: Sequence[int]) -> Batch:
-        """Gathers several examples with one fancy index.
 
-        Args:
-          indices: example indices.
+class _Augment:
+    """``random_map`` body: the transform of one example with the generator grain gives it.
 
-        Returns:
-          ``{"image": (len(indices), ...), "label": (len(indices),)}``.
-        """
-        idx = np.asarray(indices)
-        return {"image": self.images[idx], "label": self.labels[idx]}
+    A class rather than a closure so that ``mp_prefetch`` can pickle it to
+    its worker processes.
+    """
+
+    def __init__(self, transform: Transform | None):
+        self.transform = transform
+
+    def plain(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        """The example as numpy, the label as int32 (no transform)."""
+        return self(record, None)
+
+    def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        image = np.asarray(record["image"])
+        if self.transform is not None:
+            image = np.asarray(self.transform(image, rng), np.float32)
+        return {"image": image, "label": np.asarray(record["label"], np.int32)}
 
 
-def read_batch(source: RandomAccessSource, indices: Sequence[int]) -> dict[str, Any]:
-    """Reads examples from any source.
-
-    Args:
-      source: a random-access source.
-      indices: example indices.
+def shard() -> tuple[int, int]:
+    """``(index, count)`` of this JAX process among all, as grain shards data.
 
     Returns:
-      ``{"image": ..., "label": int32 (len(indices),)}`` where the images are
-      one array when they share a shape, else a list (ImageNet).
+      ``(jax.process_index(), jax.process_count())`` via
+      ``grain.sharding.ShardByJaxProcess``.
     """
-    records = source.read_batch(indices) if hasattr(source, "read_batch") else [source[int(i)] for i in indices]
-    if isinstance(records, Mapping):
-        return dict(records)
-    images = [np.asarray(r["image"]) for r in records]
-    if len({im.shape for im in images}) == 1:
-        images = np.stack(images)
-    return {"image": images, "label": np.asarray([r["label"] for r in records], np.int32)}
+    options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    return options.shard_index, options.shard_count
 
 
-def _apply(transform: Transform | None, batch: dict[str, Any], rng: np.random.Generator) -> Batch:
-    images = batch["image"] if transform is None else transform(batch["image"], rng)
-    return {"image": np.asarray(images), "label": batch["label"]}
+def _seeds(seed: Any) -> tuple[int, int]:
+    """Two independent 31-bit seeds (shuffle, augmentation) from an int or a tuple of ints."""
+    shuffle_seed, augment_seed = np.random.SeedSequence(seed).generate_state(2) % 2**31
+    return int(shuffle_seed), int(augment_seed)
 
 
-def _put(q: queue.Queue, item: Any, stop: threading.Event) -> bool:
-    """Blocks until ``item`` is queued (True) or the consumer has gone (False)."""
-    while not stop.is_set():
-        try:
-            q.put(item, timeout=_POLL_S)
-            return True
-        except queue.Full:
-            continue
-    return False
+def batches(
+    source: RandomAccessSource,
+    batch_size: int,
+    *,
+    transform: Transform | None,
+    seed: Any,
+    shuffle: bool = True,
+    drop_last: bool = True,
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> grain.MapDataset:
+    """The endless, epoch after epoch, batches of ``source`` as a grain ``MapDataset``.
 
-
-_END = object()
-
-
-def _produce(make: Callable[[], Iterable[Any]], q: queue.Queue, stop: threading.Event) -> None:
-    try:
-        for item in make():
-            if not _put(q, (item, None), stop):
-                return
-        _put(q, (_END, None), stop)
-    except BaseException as err:  # noqa: BLE001 - handed to the consumer, which re-raises it
-        _put(q, (_END, err), stop)
-
-
-def prefetch_iter(make: Callable[[], Iterable[Any]], size: int) -> Iterator[Any]:
-    """Iterates ``make()`` in a background thread, ``size`` items ahead.
-
-    The thread starts at the first ``next``; an exception it raises is
-    re-raised here; and it stops (and is joined) as soon as this iterator is
-    exhausted, closed or garbage collected, e.g. after a ``break``.
+    Element ``e * steps + k`` is batch ``k`` of epoch ``e`` (``steps`` batches
+    per epoch, see :func:`steps_per_epoch`): epoch ``e`` is shuffled with
+    grain's ``seed + e`` and example ``i`` of epoch ``e`` is augmented with
+    the generator grain derives from ``(seed, e * len(source) + i)``, so any
+    epoch (or step) is reproduced alone, whatever the order of reading.
 
     Args:
-      make: builds the iterable to run in the thread.
-      size: queue length; 0 runs ``make()`` in the caller's thread instead.
+      source: the split to load.
+      batch_size: examples per global batch, in [1, len(source)], a multiple
+        of ``shard_count``.
+      transform: per-example ``transform(image, rng) -> float32`` (see
+        :mod:`sfpk_jax.data.augment`); None keeps the images.
+      seed: non-negative int, or tuple of them, seeding shuffles and
+        augmentations.
+      shuffle: visit the examples in a random order.
+      drop_last: skip each epoch's final batch when smaller than ``batch_size``.
+      shard_index: this process's shard (from :func:`shard`).
+      shard_count: number of shards; each yields ``batch_size / shard_count``
+        examples of every global batch (examples ``shard_index::shard_count``).
 
-    Yields:
-      The items of ``make()``, in order.
+    Returns:
+      A ``grain.MapDataset`` of ``{"image": (b, ...), "label": int32 (b,)}``.
+
+    Raises:
+      ValueError: bad sizes or shards.
     """
-    if size == 0:
-        yield from make()
-        return
-    q: queue.Queue = queue.Queue(maxsize=size)
-    stop = threading.Event()
-    thread = threading.Thread(target=_produce, args=(make, q, stop), name=THREAD_NAME, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, err = q.get()
-            if err is not None:
-                raise err
-            if item is _END:
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
+    n = len(source)
+    if not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size must lie in [1, {n}] (the number of examples), got {batch_size}")
+    if not 0 <= shard_index < shard_count or batch_size % shard_count:
+        raise ValueError(f"batch_size {batch_size} must split evenly over {shard_count} processes "
+                         f"(shard {shard_index}): use a multiple of the process count")
+    if shard_count > 1 and not drop_last and n % batch_size:
+        raise ValueError(f"{n} examples do not make whole batches of {batch_size}; with several "
+                         "processes every process must see as many batches: pass drop_last=True")
+    shuffle_seed, augment_seed = _seeds(seed)
+    ds = grain.MapDataset.source(source)
+    # Without a transform there is nothing random to seed: a plain map is cheaper.
+    ds = ds.map(_Augment(None).plain) if transform is None else ds.random_map(_Augment(transform), seed=augment_seed)
+    if shuffle:
+        ds = ds.shuffle(seed=shuffle_seed)
+    # Trimmed to whole global batches before sharding, so that every process
+    # yields the same number of batches and together they make the global one.
+    ds = ds[: steps_per_epoch(n, batch_size, drop_last) * batch_size] if drop_last else ds
+    ds = ds[shard_index::shard_count]
+    return ds.batch(batch_size // shard_count, drop_remainder=drop_last).repeat(None)
 
 
-def _check(source: RandomAccessSource, batch_size: int, prefetch_size: int) -> None:
-    if not 1 <= batch_size <= len(source):
-        raise ValueError(f"batch_size must lie in [1, {len(source)}] (the number of examples), got {batch_size}")
-    if prefetch_size < 0:
-        raise ValueError(f"prefetch must be non-negative, got {prefetch_size}")
+def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = True) -> int:
+    """Batches per epoch of :func:`batches`.
+
+    Args:
+      num_examples: examples in the source.
+      batch_size: global batch size.
+      drop_last: whether the final, smaller batch is dropped.
+
+    Returns:
+      The number of batches.
+    """
+    full, rest = divmod(num_examples, batch_size)
+    return full + (0 if drop_last or rest == 0 else 1)
+
+
+def _check_counts(workers: int, prefetch: int) -> None:
+    if workers < 0:
+        raise ValueError(f"workers must be non-negative, got {workers}")
+    if prefetch < 0:
+        raise ValueError(f"prefetch must be non-negative, got {prefetch}")
+
+
+def iterate(dataset: grain.MapDataset, *, workers: int = 0, prefetch: int = 2) -> grain.DatasetIterator:
+    """A checkpointable iterator over ``dataset``, with readers and worker processes.
+
+    Args:
+      dataset: a finite ``grain.MapDataset`` (a slice of :func:`batches`).
+      workers: processes that read, decode and augment (``mp_prefetch``); 0:
+        this process does.
+      prefetch: batches read ahead by background threads (0: read on demand
+        in the caller's thread).
+
+    Returns:
+      A ``grain.DatasetIterator``; its ``get_state()`` is JSON-able and
+      ``set_state`` on a fresh iterator of the same dataset continues there.
+
+    Raises:
+      ValueError: negative ``workers`` or ``prefetch``.
+    """
+    _check_counts(workers, prefetch)
+    read = grain.ReadOptions(num_threads=min(prefetch, 16), prefetch_buffer_size=prefetch)
+    ds = dataset.to_iter_dataset(read)
+    if workers:
+        # grain's worker start-up reads absl flags, which raise when the program
+        # never parsed them (any plain script): their defaults are what we want.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=max(1, prefetch)))
+    return iter(ds)
 
 
 class Loader:
-    """Epochs of transformed mini-batches from a random-access source.
+    """Epochs of transformed mini-batches from a random-access source (grain).
 
-    Epoch ``e`` depends only on ``(seed, e)``: its shuffle order and its
-    augmentation draws come from ``SeedSequence((seed, e))``, so a run resumed
-    at epoch ``e`` sees the batches an uninterrupted run would have seen.
+    Epoch ``e`` depends only on ``(seed, e)`` (see :func:`batches`), so a run
+    resumed at epoch ``e``, or at step ``k`` of it, sees the batches an
+    uninterrupted run would have seen.
     """
 
     def __init__(
@@ -174,67 +227,92 @@ class Loader:
         batch_size: int,
         *,
         transform: Transform | None,
-        seed: int,
+        seed: Any,
         shuffle: bool = True,
         drop_last: bool = True,
+        workers: int = 0,
         prefetch: int = 2,
+        sharded: bool = False,
     ):
         """Configures the loader; nothing is read yet.
 
         Args:
           source: the split to load.
-          batch_size: examples per batch, in [1, len(source)].
-          transform: ``transform(images, rng) -> float32 NHWC`` applied to each
-            batch (see :mod:`sfpk_jax.data.augment`); None keeps the images
-            as the source gives them.
+          batch_size: examples per global batch, in [1, len(source)].
+          transform: per-example ``transform(image, rng) -> float32 HWC``
+            (see :mod:`sfpk_jax.data.augment`); None keeps the images.
           seed: non-negative seed of the shuffles and augmentations.
           shuffle: visit the examples in a random order.
           drop_last: skip the final batch when it would be smaller than
             ``batch_size``.
-          prefetch: batches prepared ahead in a background thread (0: none).
+          workers: worker processes for reading and augmenting (0: none).
+          prefetch: batches prepared ahead (0: none).
+          sharded: yield only this JAX process's part of every batch
+            (:func:`shard`); False: the whole batch.
+
+        Raises:
+          ValueError: bad sizes, or a batch that does not split over processes.
         """
-        _check(source, batch_size, prefetch)
-        self.source = source
-        self.batch_size = batch_size
-        self.transform = transform
-        self.seed = seed
-        self.shuffle = shuffle
-        self.drop_last = drop_last
-        self.prefetch = prefetch
+        index, count = shard() if sharded else (0, 1)
+        self.dataset = batches(source, batch_size, transform=transform, seed=seed, shuffle=shuffle,
+                               drop_last=drop_last, shard_index=index, shard_count=count)
+        _check_counts(workers, prefetch)
+        self.steps = steps_per_epoch(len(source), batch_size, drop_last)
+        self.workers, self.prefetch = workers, prefetch
         self._next_epoch = 0
 
     def __len__(self) -> int:
         """Batches per epoch."""
-        full, rest = divmod(len(self.source), self.batch_size)
-        return full + (0 if self.drop_last or rest == 0 else 1)
+        return self.steps
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> grain.DatasetIterator:
         """The next epoch: the k-th ``iter(loader)`` gives :meth:`epoch` ``(k)``."""
         epoch, self._next_epoch = self._next_epoch, self._next_epoch + 1
         return self.epoch(epoch)
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """The batches of one epoch, reproducible on their own.
+    def epoch(self, epoch: int, state: dict | None = None) -> grain.DatasetIterator:
+        """The batches of one epoch, reproducible on their own: :meth:`epochs` ``(epoch, epoch + 1)``.
 
         Args:
           epoch: non-negative epoch number.
+          state: see :meth:`epochs`.
 
         Returns:
-          An iterator of ``{"image": (B, ...), "label": int32 (B,)}``; close it
-          (or let it go) to stop its prefetch thread early.
+          A ``grain.DatasetIterator`` of ``{"image": (B, ...), "label": int32
+          (B,)}``; ``close()`` it to stop its workers early.
         """
-        if epoch < 0:
-            raise ValueError(f"epoch must be non-negative, got {epoch}")
-        return prefetch_iter(lambda: self._batches(epoch), self.prefetch)
+        return self.epochs(epoch, epoch + 1, state)
 
-    def _batches(self, epoch: int) -> Iterator[Batch]:
-        order_seed, augment_seed = np.random.SeedSequence((self.seed, epoch)).spawn(2)
-        n = len(self.source)
-        order = np.random.default_rng(order_seed).permutation(n) if self.shuffle else np.arange(n)
-        rng = np.random.default_rng(augment_seed)
-        for b in range(len(self)):
-            idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            yield _apply(self.transform, read_batch(self.source, idx), rng)
+    def epochs(self, first: int, stop: int, state: dict | None = None) -> grain.DatasetIterator:
+        """The batches of epochs ``first .. stop - 1`` back to back, through one iterator.
+
+        One iterator starts its worker processes once for all those epochs.
+
+        Args:
+          first: non-negative first epoch.
+          stop: the epoch after the last, greater than ``first``.
+          state: a ``get_state()`` of an earlier iterator over the same
+            epochs, to continue where it stood (e.g. mid-epoch after a
+            resume); None: from the start.
+
+        Returns:
+          A ``grain.DatasetIterator`` of ``len(self) * (stop - first)`` batches.
+
+        Raises:
+          ValueError: a negative or empty range of epochs.
+        """
+        if not 0 <= first < stop:
+            raise ValueError(f"epochs must satisfy 0 <= first < stop, got first={first}, stop={stop}")
+        it = iterate(self.dataset[first * self.steps : stop * self.steps],
+                     workers=self.workers, prefetch=self.prefetch)
+        if state is not None:
+            it.set_state(state)
+        return it
+
+
+def _stack(parts: Sequence[Batch]) -> Batch:
+    """The particles' batches of one step along a new leading axis."""
+    return {key: np.stack([p[key] for p in parts]) for key in ("image", "label")}
 
 
 def particle_loader(
@@ -243,65 +321,42 @@ def particle_loader(
     batch_size: int,
     *,
     transform: Transform | None,
-    seed: int,
+    seed: Any,
     start: int = 0,
+    workers: int = 0,
     prefetch: int = 2,
-) -> Iterator[Batch]:
+) -> grain.DatasetIterator:
     """Endless per-particle mini-batches, stacked along a leading particle axis.
 
-    Each particle walks its own random permutations of the source (an epoch at
-    a time, dropping the remainder) and draws its own augmentations, so the
-    particles see independent batches. Step ``s`` depends only on ``(seed, s)``:
-    the permutation of particle i's epoch e comes from ``(seed, i, e)`` and the
-    augmentation of step s from ``(seed, i, s)``, so a simulation resumed at
-    step ``start`` reads exactly the batches an uninterrupted one reads, without
-    reading the skipped ones. Like :func:`sfpk_jax.data.particle_batches`, for
-    any source.
+    Particle ``i`` reads its own :func:`batches` stream, seeded ``(seed, i)``
+    (its own shuffle of every epoch, dropping the remainder, and its own
+    augmentations); grain zips the ``n`` streams, so step ``s`` depends only
+    on ``(seed, s)`` and a simulation resumed at step ``start`` reads exactly
+    the batches an uninterrupted one reads, without reading the skipped ones.
 
     Args:
       source: the split to load.
       n: number of particles, at least 1.
       batch_size: examples per particle and step, in [1, len(source)].
-      transform: applied to each particle's batch; None keeps the images.
-      seed: non-negative seed of all the draws.
+      transform: per-example transform; None keeps the images.
+      seed: non-negative int (or tuple of them) seeding all the draws.
       start: index of the first step to yield (0 for a fresh run).
-      prefetch: steps prepared ahead in a background thread (0: none).
+      workers: worker processes for reading and augmenting (0: none).
+      prefetch: steps prepared ahead (0: none).
 
     Returns:
       An endless iterator of ``{"image": (n, batch_size, ...), "label":
-      (n, batch_size)}``; close it (or let it go) to stop its thread.
+      (n, batch_size)}``; ``close()`` it to stop its workers early.
+
+    Raises:
+      ValueError: bad sizes, particle count or start.
     """
-    _check(source, batch_size, prefetch)
     if n < 1:
         raise ValueError(f"n (the number of particles) must be at least 1, got {n}")
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ValueError(f"start must be a step index >= 0, got {start!r}")
-    per_epoch = len(source) // batch_size
-
-    def orders(particle: int) -> Callable[[int], np.ndarray]:
-        # One permutation per epoch, drawn when the particle enters that epoch.
-        cache: dict[int, np.ndarray] = {}
-
-        def order(epoch: int) -> np.ndarray:
-            if epoch not in cache:
-                cache.clear()
-                rng = np.random.default_rng(np.random.SeedSequence((seed, particle, epoch)))
-                cache[epoch] = rng.permutation(len(source))
-            return cache[epoch]
-
-        return order
-
-    def steps() -> Iterator[Batch]:
-        particle_orders = [orders(i) for i in range(n)]
-        step = start
-        while True:
-            epoch, position = divmod(step, per_epoch)
-            parts = []
-            for i, order in enumerate(particle_orders):
-                idx = order(epoch)[position * batch_size : (position + 1) * batch_size]
-                rng = np.random.default_rng(np.random.SeedSequence((seed, i, step, 1)))
-                parts.append(_apply(transform, read_batch(source, idx), rng))
-            yield {key: np.stack([p[key] for p in parts]) for key in ("image", "label")}
-            step += 1
-
-    return prefetch_iter(steps, prefetch)
+    seeds = np.atleast_1d(np.asarray(seed, np.int64)).tolist()
+    streams = [batches(source, batch_size, transform=transform, seed=(*seeds, i)) for i in range(n)]
+    steps = grain.experimental.ZipMapDataset(streams).map(_stack)
+    # An endless dataset cannot be iterated from a start index, a long finite slice can.
+    return iterate(steps[start : sys.maxsize // 2], workers=workers, prefetch=prefetch)

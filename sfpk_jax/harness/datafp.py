@@ -14,7 +14,6 @@ import hashlib
 import numpy as np
 
 from sfpk_jax.data import DataBundle
-from sfpk_jax.data.pipeline import read_batch
 
 # Examples per split whose bytes are digested (evenly spread over the split).
 SAMPLE = 64
@@ -36,9 +35,10 @@ def _digest(*arrays) -> str:
 def _split(name: str, source) -> dict:
     size = len(source)
     picked = np.unique(np.linspace(0, size - 1, min(size, SAMPLE)).astype(np.int64))
-    batch = read_batch(source, picked.tolist())
+    examples = [source[int(i)] for i in picked]
     found = {f"{name}_size": size,
-             f"{name}_sample_sha256": _digest(batch["image"], batch["label"])}
+             f"{name}_sample_sha256": _digest([e["image"] for e in examples],
+                                              [e["label"] for e in examples])}
     labels = getattr(source, "labels", None)
     if labels is not None:
         found[f"{name}_labels_sha256"] = _digest(np.asarray(labels, np.int64))

@@ -133,6 +133,12 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                         "flags must be the run's (only --lr may change, see docs/long_runs.md)")
     g.add_argument("--checkpoint-every", type=int, default=10,
                    help="SFPK steps between simulation checkpoints (training: every epoch)")
+    g.add_argument("--checkpoint-steps", type=int, default=500,
+                   help="training steps between checkpoints within an epoch (with the data "
+                        "iterator's state, so --resume continues mid-epoch)")
+    g.add_argument("--data-workers", type=int, default=0,
+                   help="processes that read, decode and augment the data (grain mp_prefetch; "
+                        "0: the main process, with reader threads)")
     g.add_argument("--data-dir", default=d["data_dir"], type=path_arg,
                    help="folder with the dataset (tfds data_dir, or the CIFAR python folders)")
     g.add_argument("--dataset", default=d["dataset"], help=f"one of {', '.join(DATASETS)}")

@@ -18,7 +18,6 @@ from sfpk_jax.sfpk.state import SFPKResult, Trace
 from sfpk_jax.storage import checkpoints
 from sfpk_jax.train import make_loss_fn
 
-
 # What to do about a diverged simulation with the experiments' flags: its
 # checkpoints record the configuration and the weights, so --resume cannot
 # take another --radius, --steps or dense model.
@@ -124,13 +123,15 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
         options["input_shape"] = bundle.image_shape
     if "iterations" in needs.options:
         options["iterations"] = args.synflow_iterations
-    batches = None
+    batches, opened = None, []
     if needs.needs_data:
 
         def stream(start: int = 0):
-            return particle_loader(bundle.train, particles, args.prune_batch_size,
-                                   transform=bundle.train_transform,
-                                   seed=args.seed + seed_offset, start=start)
+            opened.append(particle_loader(bundle.train, particles, args.prune_batch_size,
+                                          transform=bundle.train_transform,
+                                          seed=args.seed + seed_offset, start=start,
+                                          workers=args.data_workers))
+            return opened[-1]
 
         # A simulation takes the batches as a function of the first step, so
         # that a resumed one reads from there without replaying the others.
@@ -145,6 +146,10 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
         fail(f"pruning with {method} diverged: {err}. {DIVERGED_FIX}")
     except ResumeError as err:
         fail(str(err))
+    finally:
+        # Endless streams: their worker processes stop only when closed.
+        for iterator in opened:
+            iterator.close()
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
     seconds = time.perf_counter() - t0
     LOG.info("%s %s: pruned in %.1f s", method, name, seconds)

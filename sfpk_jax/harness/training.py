@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -12,7 +13,6 @@ import optax
 
 from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load
-from sfpk_jax.data.pipeline import read_batch
 from sfpk_jax.harness import datafp, progress
 from sfpk_jax.harness import dense as dense_files
 from sfpk_jax.harness.flags import fail, flag_name
@@ -49,9 +49,6 @@ class _Subset:
 
     def __getitem__(self, index: int):
         return self.source[index]
-
-    def read_batch(self, indices):
-        return read_batch(self.source, indices)
 
     @property
     def labels(self):
@@ -139,9 +136,9 @@ def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int,
     ``batch_size / accumulate``, so each optimizer step still sees ``batch_size``.
     """
     train = Loader(bundle.train, args.batch_size // accumulate, transform=bundle.train_transform,
-                   seed=seed)
+                   seed=seed, workers=args.data_workers)
     test = Loader(bundle.test, min(256, len(bundle.test)), transform=bundle.eval_transform,
-                  seed=seed, shuffle=False, drop_last=False)
+                  seed=seed, shuffle=False, drop_last=False, workers=args.data_workers)
     return train, test
 
 
@@ -170,10 +167,13 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
 
     Every epoch is checkpointed (variables, optimizer state, accuracies and
     metrics rows so far; the last two epochs kept) under
-    ``OUT/checkpoints/train-<phase>``. With ``--resume`` the latest epoch is
-    restored and training continues at the next one (the data order of epoch
-    e depends only on the seed and e), so the result is bit-for-bit that of
-    an uninterrupted run; a finished phase is just restored.
+    ``OUT/checkpoints/train-<phase>``, and every ``--checkpoint-steps`` steps
+    within an epoch under ``train-<phase>-steps`` (numbered by global step),
+    with the data iterator's grain state and the epoch's losses so far. With
+    ``--resume`` the latest of them is restored and training continues at the
+    next step (the data of epoch e depends only on the seed and e, and the
+    iterator state says where in it), so the result is bit-for-bit that of an
+    uninterrupted run; a finished phase is just restored.
 
     Returns:
       The trained variables and the list of per-epoch test accuracies.
@@ -190,8 +190,9 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
         "masks_sha256": None if masks is None else checkpoints.tree_digest(masks),
         "start_sha256": checkpoints.tree_digest(variables),
     }
-    accs, first = [], 1
-    with checkpoints.Series(checkpoint_dir(args) / f"train-{slug(phase)}") as series:
+    accs, first, resumed, record = [], 1, None, {}
+    with checkpoints.Series(checkpoint_dir(args) / f"train-{slug(phase)}") as series, \
+            checkpoints.Series(checkpoint_dir(args) / f"train-{slug(phase)}-steps") as steps:
         try:
             latest = series.latest()
             if latest is not None and not args.resume:
@@ -200,11 +201,7 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
             if latest is not None:
                 state, record = series.restore(latest, {"variables": variables,
                                                         "opt_state": opt_state})
-                diffs = checkpoints.differences(record.get("fingerprint", {}), fingerprint)
-                if diffs:
-                    fail(f"--resume: checkpoint {series.directory / str(latest)} is not from this "
-                         f"run's phase {phase!r}: {'; '.join(diffs)}. Resume with the run's "
-                         "flags and inputs, or pass --overwrite to start again")
+                _same_run(series.directory / str(latest), record, fingerprint, phase)
                 variables, opt_state = state["variables"], state["opt_state"]
                 accs, first = list(record["accs"]), latest + 1
                 metrics.restore(record["rows"])
@@ -212,33 +209,83 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
                 fail(f"--resume: the checkpoints of phase {phase!r} are missing from "
                      f"{series.directory}, though metrics.csv records epochs of it: pass "
                      "--overwrite to start the run again")
+            mid = steps.latest()
+            if args.resume and mid is not None and mid > (first - 1) * len(train):
+                # Killed within epoch `first`: continue from its last saved step.
+                state, resumed = steps.restore(mid, {"variables": variables, "opt_state": opt_state})
+                _same_run(steps.directory / str(mid), resumed, fingerprint, phase)
+                variables, opt_state = state["variables"], state["opt_state"]
+                progress.LOG.info("%s: resuming epoch %d at step %d of %d", phase, first,
+                                  resumed["position"], len(train))
         except checkpoints.CheckpointError as err:
             fail(f"--resume: {err}; {DAMAGED}")
         # One bar per phase over all its steps, left on screen when done.
         bar = progress.bar(args, desc=phase, total=epochs * len(train),
                            initial=(first - 1) * len(train), unit="step")
-        for epoch in range(first, epochs + 1):
-            t0 = time.perf_counter()
-            try:
-                variables, opt_state, loss = train_epoch(
-                    apply_fn, variables, opt_state, progress.counted(train.epoch(epoch), bar),
-                    optimizer=tx, masks=masks, label_smoothing=args.label_smoothing, epoch=epoch,
-                    mesh=mesh,
-                )
-            except FloatingPointError as err:
-                fail(_diverged(args, phase, epoch, err, series.directory))
-            accs.append(evaluate_batches(apply_fn, variables, test.epoch(0)))
-            row = {"phase": phase, "epoch": epoch, "train_loss": round(loss, 6),
-                   "test_acc": accs[-1]}
-            # The checkpoint first: a metrics row on disk always has one.
-            series.save(epoch, {"variables": variables, "opt_state": opt_state},
-                        {"fingerprint": fingerprint, "accs": accs, "rows": [*metrics.rows, row]})
-            metrics.add(**row)
-            bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.3f}", acc=f"{accs[-1]:.4f}")
-            progress.LOG.info("%s: epoch %d/%d, train loss %.4f, test accuracy %.4f (%.1f s)",
-                              phase, epoch, epochs, loss, accs[-1], time.perf_counter() - t0)
+        # One iterator for the whole phase (worker processes start once); its
+        # grain state, saved with every checkpoint, says where to continue.
+        data_state = (resumed or record).get("data_state")
+        if first <= epochs and first > 1 and data_state is None:
+            fail(f"--resume: the checkpoints in {series.directory} hold no data iterator state "
+                 "(written before the grain loaders): pass --overwrite to start the phase again")
+        batches = train.epochs(1, epochs + 1, data_state) if first <= epochs else None
+        evals = test.epochs(first, epochs + 1) if first <= epochs else None
+        position, chunks = (0, []) if resumed is None else (resumed["position"], resumed["chunks"])
+        bar.update(position)
+        try:
+            for epoch in range(first, epochs + 1):
+                t0 = time.perf_counter()
+                try:
+                    # The epoch in chunks that end at multiples of --checkpoint-steps,
+                    # whether or not it was resumed, so that the losses add up alike.
+                    while position < len(train):
+                        end = min(len(train), (position // args.checkpoint_steps + 1)
+                                  * args.checkpoint_steps)
+                        variables, opt_state, loss = train_epoch(
+                            apply_fn, variables, opt_state,
+                            progress.counted(itertools.islice(batches, end - position), bar),
+                            optimizer=tx, masks=masks, label_smoothing=args.label_smoothing,
+                            epoch=epoch, mesh=mesh,
+                        )
+                        chunks.append([loss, end - position])
+                        position = end
+                        if position < len(train):
+                            steps.save((epoch - 1) * len(train) + position,
+                                       {"variables": variables, "opt_state": opt_state},
+                                       {"fingerprint": fingerprint, "position": position,
+                                        "data_state": batches.get_state(), "chunks": chunks})
+                except FloatingPointError as err:
+                    fail(_diverged(args, phase, epoch, err, series.directory))
+                loss = sum(mean * count for mean, count in chunks) / len(train)
+                position, chunks = 0, []
+                accs.append(evaluate_batches(apply_fn, variables,
+                                             itertools.islice(evals, len(test))))
+                row = {"phase": phase, "epoch": epoch, "train_loss": round(loss, 6),
+                       "test_acc": accs[-1]}
+                # The checkpoint first: a metrics row on disk always has one.
+                series.save(epoch, {"variables": variables, "opt_state": opt_state},
+                            {"fingerprint": fingerprint, "accs": accs, "rows": [*metrics.rows, row],
+                             "data_state": batches.get_state()})
+                metrics.add(**row)
+                bar.set_postfix(epoch=f"{epoch}/{epochs}", loss=f"{loss:.3f}",
+                                acc=f"{accs[-1]:.4f}")
+                progress.LOG.info("%s: epoch %d/%d, train loss %.4f, test accuracy %.4f (%.1f s)",
+                                  phase, epoch, epochs, loss, accs[-1], time.perf_counter() - t0)
+        finally:
+            for iterator in (batches, evals):
+                if iterator is not None:
+                    iterator.close()
         bar.close()
     return variables, accs
+
+
+def _same_run(where: Path, record: dict, fingerprint: dict, phase: str) -> None:
+    """Exit 2 unless the checkpoint ``where`` was written by this run's ``phase``."""
+    diffs = checkpoints.differences(record.get("fingerprint", {}), fingerprint)
+    if diffs:
+        fail(f"--resume: checkpoint {where} is not from this run's phase {phase!r}: "
+             f"{'; '.join(diffs)}. Resume with the run's flags and inputs, or pass --overwrite "
+             "to start again")
 
 
 def _diverged(args, phase: str, epoch: int, err: Exception, directory: Path) -> str:
@@ -273,5 +320,8 @@ def recompute_bn(args, bundle, apply_fn, variables, masks):
     """The masked model with batch-norm statistics re-estimated (spec: after voting)."""
     masked = {**variables, "params": apply_masks(variables["params"], masks)}
     train, _ = loaders(args, bundle, args.seed + 7)
-    batches = (b for _, b in zip(range(args.bn_batches), train.epoch(0)))
-    return recompute_batch_stats(apply_fn, masked, batches)
+    batches = train.epoch(0)
+    try:
+        return recompute_batch_stats(apply_fn, masked, itertools.islice(batches, args.bn_batches))
+    finally:
+        batches.close()

@@ -114,8 +114,12 @@ def sfpk_prune(
     layer's channels (:func:`sfpk_jax.core.channels.simulation_density`).
 
     Args:
-      loss_fn: pure ``loss_fn(params, batch) -> scalar`` (close over batch-norm
-        state in training mode).
+      loss_fn: pure ``loss_fn(params, batch) -> scalar`` (batch norm in
+        training mode), or a :class:`~sfpk_jax.sfpk.energy.StatefulLoss` that
+        takes the other variables (batch-norm state) as an argument. The
+        compiled step is reused by later calls with the same loss function
+        (for a ``StatefulLoss``, the same ``fn``), shapes and config (see
+        :func:`sfpk_jax.sfpk.modes.make_stepper`).
       params: the trained parameter pytree theta.
       batches: yields one batch pytree per step whose leaves have a leading
         axis of size ``config.particles``: particle i uses slice i. Either an

@@ -9,6 +9,7 @@ import sys
 import typing
 
 from sfpk_jax.data import DATASETS
+from sfpk_jax.harness import compile_cache
 from sfpk_jax.pruners import PRUNERS
 from sfpk_jax.sfpk.config import SFPKConfig
 
@@ -157,6 +158,7 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                         "unless --model is, the first 256/128 examples, and tiny sizes for the "
                         "size flags not given (flags given are kept as given)")
     g.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    compile_cache.add_flags(g)
     s = parser.add_argument_group("SFPK (defaults: the paper's)")
     add_config_flags(s, "steps", "particles", **config)
     s.add_argument("--prune-batch-size", type=int, default=d["prune_batch_size"],

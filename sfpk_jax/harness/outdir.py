@@ -18,7 +18,7 @@ from sfpk_jax.storage import checkpoints, files
 # things are and what is shown, not what is computed. The environment
 # (versions, machine) is a record, not a flag: see harness/environment.py.
 RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir",
-                  environment.KEY)
+                  "compile_cache", "no_compile_cache", environment.KEY)
 # Flags a --resume may change on purpose: the learning rate, to get past a
 # diverged (NaN) epoch; the particle mode, when the run moves to another
 # machine (it changes float rounding only). A change is announced and recorded

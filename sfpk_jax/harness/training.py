@@ -14,7 +14,7 @@ from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load
 from sfpk_jax.data.pipeline import read_batch
 from sfpk_jax.harness import dense as dense_files
-from sfpk_jax.harness import progress
+from sfpk_jax.harness import compile_cache, progress
 from sfpk_jax.harness.flags import fail, flag_name
 from sfpk_jax.harness.outdir import (
     DAMAGED,
@@ -105,6 +105,7 @@ def setup(args: argparse.Namespace) -> Setup:
     before config.json (or anything else) is written.
     """
     progress.configure(args)
+    compile_cache.configure(args)
     bundle = open_data(args)
     apply_fn, variables = build_model(args, bundle)
     dense = dense_files.from_file(args, variables)

@@ -68,6 +68,7 @@ SLOW_MODULES = {
     "test_io",
     "test_multihost",
     "test_notebook",
+    "test_processes",  # worker processes of particle_mode="processes"
     "test_resume",
     "test_resume_experiments",
     "test_sharding",

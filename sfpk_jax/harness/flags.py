@@ -165,7 +165,7 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                    help="mini-batch per particle and step")
     add_config_flags(s, "radius", "repulsion", "schedule", "sparsity_fn", "polarizer",
                      "repulsion_mode", "vote_mode", "vote_ratio", "momentum", "particle_mode",
-                     "particle_chunk", "compute_dtype", **config)
+                     "particle_chunk", "workers", "compute_dtype", **config)
     s.add_argument("--synflow-iterations", type=int, default=1,
                    help="SynFlow pruning rounds: 1 is the official code's single shot, the "
                         "SynFlow paper uses 100")

@@ -24,8 +24,8 @@ RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every
 # machine (it changes float rounding only). A change is announced and recorded
 # in config.json under RESUME_LOG; the run is then no longer bit-equal to an
 # uninterrupted one.
-RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk", "mesh_batch",
-                     "data_parallel")
+RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk", "workers",
+                     "mesh_batch", "data_parallel")
 RESUME_LOG = "resume_changes"
 # What --overwrite removes before starting again (results.json first: it marks
 # a finished run). Plots are simply rewritten.

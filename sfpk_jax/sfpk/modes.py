@@ -211,16 +211,15 @@ def make_stepper(
       target: the target mask density.
       mesh: the devices of ``shard`` mode (see :func:`sfpk_jax.parallel.sharding.default_mesh`).
     """
-    if isinstance(loss_fn, energy_lib.StatefulLoss):
-        fn, loss_state = loss_fn.fn, loss_fn.state
-    else:
-        fn, loss_state = loss_fn, None
+    if config.particle_mode == "processes":
+        raise ValueError("particle_mode='processes' needs its worker processes: sfpk_prune starts "
+                         "them, or use sfpk_jax.sfpk.processes.process_stepper inside "
+                         "`with WorkerPool(...)`")
+    fn, loss_state = loss_parts(loss_fn)
     if config.particle_mode == "shard":
         mesh = mesh or sharding.default_mesh(config.particles)
         loss_state = sharding.replicate(loss_state, mesh)
-    # Fields the host loop alone reads do not split the cache.
-    programs = _programs(fn, loss_state is not None, layout,
-                         config.replace(progress=True, early_stop=True), mesh)
+    programs = _programs(fn, loss_state is not None, layout, program_config(config), mesh)
     # Weakly typed, as the Python float it stands for: it takes the particles' dtype.
     target = jnp.asarray(float(target))
     return Stepper(
@@ -228,6 +227,23 @@ def make_stepper(
         energies=lambda params, particles, batch: programs.energies(
             params, particles, batch, loss_state),
     )
+
+
+def loss_parts(loss_fn: Callable) -> tuple[Callable, Any]:
+    """``(fn, state)`` of a :class:`~sfpk_jax.sfpk.energy.StatefulLoss`, ``(loss_fn, None)`` else."""
+    if isinstance(loss_fn, energy_lib.StatefulLoss):
+        return loss_fn.fn, loss_fn.state
+    return loss_fn, None
+
+
+def three_arguments(fn: Callable, stateful: bool) -> Callable:
+    """``fn`` as ``(params, batch, state)``; a plain loss ignores the state (None)."""
+    return fn if stateful else (lambda params, batch, _: fn(params, batch))
+
+
+def program_config(config: SFPKConfig) -> SFPKConfig:
+    """``config`` less the fields the host loop alone reads, which must not split the caches."""
+    return config.replace(progress=True, early_stop=True)
 
 
 class _Programs(NamedTuple):
@@ -239,11 +255,22 @@ class _Programs(NamedTuple):
 
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
+def combine_program(layout: MaskLayout, config: SFPKConfig) -> Callable:
+    """The jitted ``(params, target, state, outputs) -> (state, trace)`` of the modes that
+    evaluate the particles one call each: ``outputs`` holds one ``(E, grad E)`` per particle."""
+
+    def combine(params, target, state, outputs):
+        return sfpk_update(state, *stack_outputs(outputs), layout.gather(params), config=config,
+                           target=target)
+
+    return jax.jit(combine, donate_argnums=2)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
 def _programs(fn: Callable, stateful: bool, layout: MaskLayout, config: SFPKConfig,
               mesh: jax.sharding.Mesh | None) -> _Programs:
     """The jitted functions of :func:`make_stepper`, for ``fn(params, batch[, state])``."""
-    loss = fn if stateful else (lambda params, batch, _: fn(params, batch))
-    energy_fn = energy_lib.make_energy_fn(loss, layout, config)
+    energy_fn = energy_lib.make_energy_fn(three_arguments(fn, stateful), layout, config)
 
     def update(params, target, state, energy, grads):
         return sfpk_update(
@@ -265,10 +292,7 @@ def _programs(fn: Callable, stateful: bool, layout: MaskLayout, config: SFPKConf
             return tuple(one_particle(params, particles, batch, jnp.int32(i), loss_state)
                          for i in range(n))
 
-        combine = jax.jit(
-            lambda params, target, state, outs: update(params, target, state, *stack_outputs(outs)),
-            donate_argnums=2,
-        )
+        combine = combine_program(layout, config)
         stack = jax.jit(stack_outputs)
         return _Programs(
             step=lambda params, loss_state, target, state, batch: combine(

@@ -104,7 +104,7 @@ class _Timer:
 
 
 def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=512,
-        particles=10, repeats=5, particle_mode="loop", seed=0, workers=None) -> dict:
+        particles=10, repeats=5, particle_mode="loop", seed=0, workers=None, pin=True) -> dict:
     """Times the step and the bare passes; returns the report (see the module doc)."""
     loss_fn, params, batch = build_problem(
         model, tuple(input_shape), num_classes, particles, batch_size, seed
@@ -116,18 +116,19 @@ def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=5
         pool = None
         if mode == "processes":
             # One pool each: a pool holds one function at a time.
-            pool = stack.enter_context(WorkerPool(workers))
+            pool = stack.enter_context(WorkerPool(workers, pin=pin))
             stepper = process_stepper(loss_fn, layout, config, 0.05, pool)
             bare = make_bare(loss_fn, particles, mode, chunk,
-                             stack.enter_context(WorkerPool(workers)))
+                             stack.enter_context(WorkerPool(workers, pin=pin)))
         else:
             stepper = make_stepper(loss_fn, layout, config, target=0.05)
             bare = make_bare(loss_fn, particles, mode, chunk)
         report = _time(stepper, bare, params, batch, initial_state(layout, config), repeats)
+        report["workers"] = pool.size if pool else None
     report.update({
         "model": model, "input_shape": list(input_shape), "num_classes": num_classes,
         "batch_size": batch_size, "particles": particles, "repeats": repeats,
-        "particle_mode": particle_mode, "workers": pool.size if pool else None,
+        "particle_mode": particle_mode, "pinned": pin if pool else None,
         "prunable": int(sum(layout.mask_sizes)),
         "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
         "machine": platform.processor() or platform.machine(),
@@ -176,13 +177,15 @@ def main(argv=None) -> dict:
                         help="loop, vmap, map:K, shard or processes")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes mode: worker processes (default: one per core)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="processes mode: leave the workers unpinned")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     report = run(
         model=args.model, input_shape=tuple(int(s) for s in args.input_shape.split(",")),
         num_classes=args.num_classes, batch_size=args.batch_size, particles=args.particles,
         repeats=args.repeats, particle_mode=args.particle_mode, seed=args.seed,
-        workers=args.workers,
+        workers=args.workers, pin=not args.no_pin,
     )
     print(f"{report['model']} n={report['particles']} batch {report['batch_size']} "
           f"({report['particle_mode']}, {report['backend']}): "

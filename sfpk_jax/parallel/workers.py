@@ -54,12 +54,13 @@ class WorkerPool:
 
     Args:
       count: how many workers; at most one per core is useful.
+      pin: pin worker k to the k-th core (else the scheduler places them).
 
     Raises:
       ValueError: ``count`` is not a positive integer.
     """
 
-    def __init__(self, count: int | None = None):
+    def __init__(self, count: int | None = None, pin: bool = True):
         cores = local_cores()
         count = len(cores) if count is None else count
         if isinstance(count, bool) or not isinstance(count, int) or count < 1:
@@ -67,7 +68,7 @@ class WorkerPool:
         self._logs = [tempfile.TemporaryFile() for _ in range(count)]
         env = _worker_env()
         self._procs = [
-            subprocess.Popen([sys.executable, str(SCRIPT), str(cores[k % len(cores)])],
+            subprocess.Popen([sys.executable, str(SCRIPT), str(cores[k % len(cores)] if pin else -1)],
                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env)
             for k, log in enumerate(self._logs)
         ]

@@ -8,7 +8,9 @@ gradients, repulsion, direction, move, vote) on ResNet-20 / CIFAR-100 shapes
 with random data. The bare cost is n jitted ``value_and_grad`` calls of the
 plain training-mode loss with respect to the parameters, on the same batches,
 dispatched the same way (``loop``: one jitted call per particle; ``vmap`` /
-``map:K``: one vmapped / ``lax.map``-ped program). The overhead is their ratio.
+``map:K``: one vmapped / ``lax.map``-ped program; ``processes``: the worker
+processes, one per core or ``--workers``, whose start is not timed). The
+overhead is their ratio.
 
 Both are compiled first (the compile times are reported), then timed
 alternately, ``--repeats`` times each, and the medians are reported. The peak
@@ -25,6 +27,7 @@ object with ``step_s_median``, ``bare_s_median``, ``overhead``, ``peak_mb``,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import statistics
@@ -37,12 +40,29 @@ import sfpk_jax
 from benchmarks.common import PeakRSS, build_problem, device_peak_mb
 from sfpk_jax import initial_state, make_stepper
 from sfpk_jax.parallel.sharding import default_mesh
+from sfpk_jax.parallel.workers import WorkerPool
 from sfpk_jax.sfpk import modes
+from sfpk_jax.sfpk.processes import process_stepper
 
 
-def make_bare(loss_fn, particles: int, mode: str, chunk: int):
-    """``bare(params, batch)``: n forward+backward passes, dispatched as ``mode`` does."""
+def make_bare(loss_fn, particles: int, mode: str, chunk: int, pool: WorkerPool | None = None):
+    """``bare(params, batch)``: n forward+backward passes, dispatched as ``mode`` does.
+
+    ``processes`` runs them in ``pool``'s workers (exported, loaded on the first call).
+    """
     grad_fn = jax.value_and_grad(loss_fn)
+    if mode == "processes":
+        loaded = []
+
+        def in_workers(params, batch):
+            items = [(jax.tree.map(lambda x, i=i: x[i], batch),) for i in range(particles)]
+            if not loaded:
+                pool.load(jax.export.export(jax.jit(grad_fn))(params, *items[0]).serialize(),
+                          (params,))
+                loaded.append(True)
+            return pool.map(items)
+
+        return in_workers
     if mode == "loop":
 
         @jax.jit
@@ -84,7 +104,7 @@ class _Timer:
 
 
 def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=512,
-        particles=10, repeats=5, particle_mode="loop", seed=0) -> dict:
+        particles=10, repeats=5, particle_mode="loop", seed=0, workers=None, pin=True) -> dict:
     """Times the step and the bare passes; returns the report (see the module doc)."""
     loss_fn, params, batch = build_problem(
         model, tuple(input_shape), num_classes, particles, batch_size, seed
@@ -92,10 +112,37 @@ def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=5
     mode, chunk = parse_mode(particle_mode)
     config = sfpk_jax.SFPKConfig(particles=particles, particle_mode=mode, particle_chunk=chunk)
     layout = sfpk_jax.MaskLayout.from_params(params)
-    stepper = make_stepper(loss_fn, layout, config, target=0.05)
-    bare = make_bare(loss_fn, particles, mode, chunk)
-    state = initial_state(layout, config)
+    with contextlib.ExitStack() as stack:
+        pool = None
+        if mode == "processes":
+            # One pool each: a pool holds one function at a time.
+            pool = stack.enter_context(WorkerPool(workers, pin=pin))
+            stepper = process_stepper(loss_fn, layout, config, 0.05, pool)
+            bare = make_bare(loss_fn, particles, mode, chunk,
+                             stack.enter_context(WorkerPool(workers, pin=pin)))
+        else:
+            stepper = make_stepper(loss_fn, layout, config, target=0.05)
+            bare = make_bare(loss_fn, particles, mode, chunk)
+        report = _time(stepper, bare, params, batch, initial_state(layout, config), repeats)
+        report["workers"] = pool.size if pool else None
+    report.update({
+        "model": model, "input_shape": list(input_shape), "num_classes": num_classes,
+        "batch_size": batch_size, "particles": particles, "repeats": repeats,
+        "particle_mode": particle_mode, "pinned": pin if pool else None,
+        "prunable": int(sum(layout.mask_sizes)),
+        "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
+        "machine": platform.processor() or platform.machine(),
+        "jax": jax.__version__,
+    })
+    if report["backend"] != "cpu":
+        peak = device_peak_mb(jax.devices()[0])
+        if peak is not None:
+            report.update(peak_mb=peak, bare_peak_mb=None, peak_kind="device peak_bytes_in_use")
+    return report
 
+
+def _time(stepper, bare, params, batch, state, repeats: int) -> dict:
+    """Compiles, then times the step and the bare passes alternately."""
     start = time.perf_counter()
     state, _ = jax.block_until_ready(stepper.step(params, state, batch))
     step_compile = time.perf_counter() - start
@@ -108,27 +155,14 @@ def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=5
         state, _ = step_timer(stepper.step, params, state, batch)
         bare_timer(bare, params, batch)
 
-    backend = jax.default_backend()
     step_s, bare_s = statistics.median(step_timer.times), statistics.median(bare_timer.times)
-    report = {
-        "model": model, "input_shape": list(input_shape), "num_classes": num_classes,
-        "batch_size": batch_size, "particles": particles, "repeats": repeats,
-        "particle_mode": particle_mode,
-        "prunable": int(sum(layout.mask_sizes)),
+    return {
         "step_s_median": step_s, "bare_s_median": bare_s, "overhead": step_s / bare_s,
         "step_s": step_timer.times, "bare_s": bare_timer.times,
         "step_compile_s": step_compile, "bare_compile_s": bare_compile,
         "peak_mb": max(step_timer.peaks), "bare_peak_mb": max(bare_timer.peaks),
         "peak_kind": "rss",
-        "backend": backend, "device": jax.devices()[0].device_kind,
-        "machine": platform.processor() or platform.machine(),
-        "jax": jax.__version__,
     }
-    if backend != "cpu":
-        peak = device_peak_mb(jax.devices()[0])
-        if peak is not None:
-            report.update(peak_mb=peak, bare_peak_mb=None, peak_kind="device peak_bytes_in_use")
-    return report
 
 
 def main(argv=None) -> dict:
@@ -139,13 +173,19 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=512, help="images per particle")
     parser.add_argument("--particles", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--particle-mode", default="loop", help="loop, vmap, map:K or shard")
+    parser.add_argument("--particle-mode", default="loop",
+                        help="loop, vmap, map:K, shard or processes")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="processes mode: worker processes (default: one per core)")
+    parser.add_argument("--no-pin", action="store_true",
+                        help="processes mode: leave the workers unpinned")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     report = run(
         model=args.model, input_shape=tuple(int(s) for s in args.input_shape.split(",")),
         num_classes=args.num_classes, batch_size=args.batch_size, particles=args.particles,
         repeats=args.repeats, particle_mode=args.particle_mode, seed=args.seed,
+        workers=args.workers, pin=not args.no_pin,
     )
     print(f"{report['model']} n={report['particles']} batch {report['batch_size']} "
           f"({report['particle_mode']}, {report['backend']}): "

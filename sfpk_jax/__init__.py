@@ -7,7 +7,8 @@ each idea lives):
   :func:`count_prunable`, :func:`ones_like_masks`, :func:`masks_from_scores`;
 * SFPK: :class:`SFPKConfig`, :func:`sfpk_prune`, :func:`spode_prune` and
   the pure step (:func:`initial_state`, :func:`sfpk_update`,
-  :func:`make_stepper`, :class:`SFPKState`, :class:`StepTrace`), results
+  :func:`make_stepper`, :class:`SFPKState`, :class:`StepTrace`), a loss
+  with explicit batch-norm state (:class:`StatefulLoss`), results
   (:class:`SFPKResult`) and checkpoints (:class:`CheckpointPolicy`);
 * pruners by name: :func:`prune`, :func:`register_pruner`,
   :func:`magnitude_prune`;
@@ -36,6 +37,7 @@ from sfpk_jax.pruners import (
 )
 from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
 from sfpk_jax.sfpk.config import SFPKConfig, spode_config
+from sfpk_jax.sfpk.energy import StatefulLoss
 from sfpk_jax.sfpk.modes import make_stepper
 from sfpk_jax.sfpk.simulation import sfpk_prune, spode_prune
 from sfpk_jax.sfpk.state import SFPKResult, SFPKState, StepTrace, initial_state
@@ -54,6 +56,7 @@ __all__ = [
     "SFPKConfig",
     "SFPKResult",
     "SFPKState",
+    "StatefulLoss",
     "StepTrace",
     "apply_masks",
     "count_prunable",

@@ -5,6 +5,8 @@ Numerics settings for the whole suite:
 * ``jax_numpy_rank_promotion="raise"``: every broadcast between arrays of
   different rank must be explicit. (``"warn"`` is not an option: pytest turns
   warnings into errors.)
+* JAX's persistent compilation cache is on, in ``.cache/jax`` of the
+  checkout (``SFPK_JAX_COMPILE_CACHE`` overrides it, ``=off`` turns it off).
 * ``jax_numpy_dtype_promotion="strict"`` (no implicit dtype promotion) for
   the core test modules below; the model/training modules of the package rely
   on implicit promotion inside Flax (e.g. ``float32`` / ``int32``), so the
@@ -16,8 +18,10 @@ simulations) are marked ``slow``: ``pytest -m "not slow"`` is the quick run.
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -27,8 +31,19 @@ import optax
 import pytest
 from hypothesis import HealthCheck, settings
 
+from sfpk_jax.harness import compile_cache  # noqa: E402
+
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
+
+# JAX's persistent compilation cache, in a folder of the checkout that git
+# ignores (not the user's cache): a second run of the suite loads most programs
+# instead of compiling them. Set in the environment, so that the experiments
+# the suite starts as subprocesses use the same folder. SFPK_JAX_COMPILE_CACHE
+# set beforehand (a folder, or "off") wins.
+os.environ.setdefault(compile_cache.ENV, str(Path(__file__).resolve().parents[1] / ".cache" / "jax"))
+if compile_cache.default_dir() is not None:
+    compile_cache.enable(compile_cache.default_dir())
 
 CORE_MODULES = {
     "test_chex_properties",
@@ -54,6 +69,7 @@ SLOW_MODULES = {
     "test_io",
     "test_multihost",
     "test_notebook",
+    "test_processes",  # worker processes of particle_mode="processes"
     "test_resume",
     "test_resume_experiments",
     "test_resume_midepoch",

@@ -30,6 +30,7 @@ EXPECTED_ALL = [
     "SFPKConfig",
     "SFPKResult",
     "SFPKState",
+    "StatefulLoss",
     "StepTrace",
     "apply_masks",
     "count_prunable",

@@ -11,7 +11,8 @@ simulation (every ``--checkpoint-every`` steps) are checkpointed under
 ends with the outputs an uninterrupted run would have written, bit for bit
 (timings aside). Nothing in ``--out`` is deleted without ``--overwrite``.
 
-The modules, each importing only those listed before it: :mod:`.flags` (the flags,
+The modules, each importing only those listed before it: :mod:`.compile_cache`
+(JAX's persistent compilation cache, ``--compile-cache``), :mod:`.flags` (the flags,
 the SFPK ones made from :class:`sfpk_jax.SFPKConfig`'s fields),
 :mod:`.progress` (bars or plain log lines), :mod:`.edge` (quiet loggers, a full
 disk in one line, clean exits), :mod:`.environment` (versions and machine for

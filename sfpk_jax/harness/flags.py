@@ -9,6 +9,7 @@ import sys
 import typing
 
 from sfpk_jax.data import DATASETS
+from sfpk_jax.harness import compile_cache
 from sfpk_jax.pruners import PRUNERS
 from sfpk_jax.sfpk.config import SFPKConfig
 
@@ -164,13 +165,14 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                         "unless --model is, the first 256/128 examples, and tiny sizes for the "
                         "size flags not given (flags given are kept as given)")
     g.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
+    compile_cache.add_flags(g)
     s = parser.add_argument_group("SFPK (defaults: the paper's)")
     add_config_flags(s, "steps", "particles", **config)
     s.add_argument("--prune-batch-size", type=int, default=d["prune_batch_size"],
                    help="mini-batch per particle and step")
     add_config_flags(s, "radius", "repulsion", "schedule", "sparsity_fn", "polarizer",
                      "repulsion_mode", "vote_mode", "vote_ratio", "momentum", "particle_mode",
-                     "particle_chunk", "compute_dtype", **config)
+                     "particle_chunk", "particle_workers", "compute_dtype", **config)
     s.add_argument("--synflow-iterations", type=int, default=1,
                    help="SynFlow pruning rounds: 1 is the official code's single shot, the "
                         "SynFlow paper uses 100")

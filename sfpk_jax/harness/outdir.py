@@ -18,7 +18,7 @@ from sfpk_jax.storage import checkpoints, files
 # things are and what is shown, not what is computed. The environment
 # (versions, machine) is a record, not a flag: see harness/environment.py.
 RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir",
-                  environment.KEY, "data")
+                  "compile_cache", "no_compile_cache", environment.KEY, "data")
 # The data's fingerprint in config.json (see harness/datafp.py): compared on
 # --resume apart from the flags, so moved data (--data-dir) is fine, other data is not.
 DATA_KEY = "data"
@@ -27,8 +27,8 @@ DATA_KEY = "data"
 # machine (it changes float rounding only). A change is announced and recorded
 # in config.json under RESUME_LOG; the run is then no longer bit-equal to an
 # uninterrupted one.
-RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk", "mesh_batch",
-                     "data_parallel")
+RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk",
+                     "particle_workers", "mesh_batch", "data_parallel")
 RESUME_LOG = "resume_changes"
 # What --overwrite removes before starting again, and nothing else: the files
 # the experiments write (results.json first: it marks a finished run), then

@@ -13,7 +13,7 @@ import optax
 
 from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load
-from sfpk_jax.harness import datafp, progress
+from sfpk_jax.harness import compile_cache, datafp, progress
 from sfpk_jax.harness import dense as dense_files
 from sfpk_jax.harness.flags import fail, flag_name
 from sfpk_jax.harness.outdir import (
@@ -121,6 +121,7 @@ def setup(args: argparse.Namespace, prunes: bool = True) -> Setup:
       The :class:`Setup`.
     """
     progress.configure(args)
+    compile_cache.configure(args)
     bundle = open_data(args, prunes)
     apply_fn, variables = build_model(args, bundle)
     dense = dense_files.from_file(args, variables)

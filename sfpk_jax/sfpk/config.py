@@ -15,7 +15,7 @@ POLARIZERS = ("onehot", "onehot_soft", "identity", "quantile_sigmoid", "gauss_si
 REPULSION_MODES = ("exp", "cos")
 VOTE_MODES = ("soft", "hard")
 SCORES = ("mp", "m")
-PARTICLE_MODES = ("loop", "vmap", "map", "shard")
+PARTICLE_MODES = ("loop", "vmap", "map", "shard", "processes")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 LOCAL_POLARIZERS = ("sum", "layer")
 
@@ -100,8 +100,11 @@ class SFPKConfig:
       particle_mode: how particles go through the model: ``loop`` (one jitted
         call per particle, dispatched asynchronously), ``vmap`` (all at once),
         ``map`` (``lax.map`` in chunks of ``particle_chunk``) or ``shard``
-        (split over the devices of a mesh, see :mod:`sfpk_jax.parallel.sharding`).
+        (split over the devices of a mesh, see :mod:`sfpk_jax.parallel.sharding`)
+        or ``processes`` (split over local single-threaded worker processes,
+        one per core, CPU only; see :mod:`sfpk_jax.sfpk.processes`).
       particle_chunk: particles per chunk in ``map`` mode (bounds memory).
+      particle_workers: worker processes of ``processes`` mode; None: one per core.
       compute_dtype: dtype of the model's forward and backward passes in the
         energy: ``float32``, or ``bfloat16`` (faster on accelerators with
         bf16 units); particles, scores and updates stay float32.
@@ -135,8 +138,11 @@ class SFPKConfig:
                                   "(sum of layer densities when local; the reference's) or each "
                                   "layer's own", LOCAL_POLARIZERS)
     particle_mode: str = _field("loop", "how particles go through the model (shard: split over "
-                                "the devices)", PARTICLE_MODES)
+                                "the devices; processes: over one worker process per core)",
+                                PARTICLE_MODES)
     particle_chunk: int = _field(1, "particles per chunk in map mode (bounds memory)")
+    particle_workers: int | None = _field(None, "worker processes of processes mode (default: "
+                                          "one per core)")
     compute_dtype: str = _field("float32", "dtype of the forward/backward passes", COMPUTE_DTYPES)
     early_stop: bool = _field(True, "stop once the particles' mean G reaches the target density")
     progress: bool = _field(True, "show a progress bar over the steps")
@@ -158,7 +164,10 @@ class SFPKConfig:
             raise ConfigError("dynamics_scope", self.dynamics_scope,
                               "None or 'global' when scope='global' (layer-wise dynamics need "
                               "layer-wise step sizes and masks)")
-        for name in ("steps", "particles", "particle_chunk"):
+        names = ("steps", "particles", "particle_chunk")
+        if self.particle_workers is not None:
+            names += ("particle_workers",)
+        for name in names:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(name, value, "an integer >= 1")

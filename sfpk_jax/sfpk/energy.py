@@ -10,6 +10,7 @@ convolution, which is much slower than a loop on some backends.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -20,7 +21,31 @@ from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.core.polarizers import polarize
 from sfpk_jax.sfpk.config import SFPKConfig
 
-EnergyFn = Callable[[Any, list, Any], tuple[jax.Array, list]]
+EnergyFn = Callable[..., tuple[jax.Array, list]]
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class StatefulLoss:
+    """A loss whose non-parameter state (e.g. batch-norm statistics) is an argument.
+
+    ``StatefulLoss(fn, state)(params, batch) == fn(params, batch, state)``, so it
+    goes wherever a ``loss_fn(params, batch)`` does. :func:`sfpk_jax.sfpk_prune`
+    passes ``state`` to its compiled step as an argument rather than baking it
+    in as a constant, and keys its compiled steppers on ``fn``: calls with a
+    new ``state`` (another pruning round, the batch-norm statistics
+    recomputed) and the same ``fn`` reuse the compiled step.
+
+    Attributes:
+      fn: pure ``fn(params, batch, state) -> scalar``; give every call the
+        same (hashable) object, e.g. one made once per model.
+      state: the pytree ``fn`` reads besides the parameters.
+    """
+
+    fn: Callable[[Any, Any, Any], jax.Array]
+    state: Any
+
+    def __call__(self, params: Any, batch: Any) -> jax.Array:
+        return self.fn(params, batch, self.state)
 
 
 def polarizer_density(config: SFPKConfig) -> str:
@@ -44,18 +69,19 @@ def make_energy_fn(
     """``(params, mask leaves, batch) -> (E, grad E)`` for a single particle.
 
     Args:
-      loss_fn: ``loss_fn(params, batch) -> scalar``, pure.
+      loss_fn: ``loss_fn(params, batch, *loss_args) -> scalar``, pure.
       layout: where the prunable leaves are.
       config: polarizer, sparsity functional and scopes (see :func:`polarizer_density`).
 
     Returns:
       A function of the parameters theta (held fixed: no gradient is taken
-      with respect to them), one particle's mask leaves and its batch.
+      with respect to them), one particle's mask leaves, its batch and any
+      further ``loss_args`` (handed to ``loss_fn`` after the batch).
     """
 
     at = polarizer_density(config)
 
-    def energy(mask, params, batch):
+    def energy(mask, params, batch, *loss_args):
         theta = layout.gather(params)
         point = polarize(
             config.polarizer,
@@ -69,14 +95,14 @@ def make_energy_fn(
         )
         masked = layout.replace(params, [t * p for t, p in zip(theta, point)])
         if config.compute_dtype == "float32":
-            return loss_fn(masked, batch)
+            return loss_fn(masked, batch, *loss_args)
         # The casts sit inside the differentiated function, so grad E still
         # arrives in the particles' float32.
         masked, batch = _cast_floats((masked, batch), config.compute_dtype)
-        return loss_fn(masked, batch).astype(jnp.float32)
+        return loss_fn(masked, batch, *loss_args).astype(jnp.float32)
 
     grad_fn = jax.value_and_grad(energy)
-    return lambda params, mask, batch: grad_fn(list(mask), params, batch)
+    return lambda params, mask, batch, *loss_args: grad_fn(list(mask), params, batch, *loss_args)
 
 
 def _cast_floats(tree: Any, dtype: str) -> Any:

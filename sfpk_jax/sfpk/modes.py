@@ -39,13 +39,16 @@ def stack_outputs(outputs) -> tuple[jax.Array, list]:
 def all_particles(energy_fn: EnergyFn, mode: str, chunk: int) -> EnergyFn:
     """E and grad E for every particle at once (``vmap`` or chunked ``map``).
 
-    Particle i uses slice i of every batch leaf; params are shared.
+    Particle i uses slice i of every batch leaf; params, and any arguments
+    after the batch (handed on to ``energy_fn``), are shared.
     """
     if mode == "vmap":
-        return jax.vmap(energy_fn, in_axes=(None, 0, 0))
+        return lambda params, particles, batch, *rest: jax.vmap(
+            energy_fn, in_axes=(None, 0, 0) + (None,) * len(rest)
+        )(params, particles, batch, *rest)
     if mode == "map":
-        return lambda params, particles, batch: jax.lax.map(
-            lambda xs: energy_fn(params, *xs), (particles, batch), batch_size=chunk
+        return lambda params, particles, batch, *rest: jax.lax.map(
+            lambda xs: energy_fn(params, *xs, *rest), (particles, batch), batch_size=chunk
         )
     raise ValueError(f"particle mode {mode!r} is not traceable; 'loop' is driven by the caller")
 
@@ -54,9 +57,10 @@ def sharded_energies(energy_fn: EnergyFn, mesh: Mesh):
     """E and grad E of every particle, the particles split over the mesh.
 
     Same contract as :func:`all_particles`: the returned function
-    maps ``(params, particles, batch)`` (every particle leaf and batch leaf
-    with leading axis n; particle i uses slice i of the batch) to
-    ``(energy (n,), grads)``, each grad leaf of shape ``(n, ...)``.
+    maps ``(params, particles, batch, *rest)`` (every particle leaf and batch
+    leaf with leading axis n; particle i uses slice i of the batch; ``rest``
+    replicated and handed on to ``energy_fn``) to ``(energy (n,), grads)``,
+    each grad leaf of shape ``(n, ...)``.
 
     Inside ``shard_map`` over the ``"particles"`` axis each device gets n/d
     particles and evaluates them one ``energy_fn`` call at a time (a Python
@@ -94,18 +98,19 @@ def sharded_energies(energy_fn: EnergyFn, mesh: Mesh):
     n_dev = sharding.axis_size(mesh, sharding.PARTICLES)
     n_batch = sharding.axis_size(mesh, sharding.BATCH)
 
-    def local(params, particles, batch):
+    def local(params, particles, batch, *rest):
         per_device = particles[0].shape[0]
         outputs = [
-            energy_fn(params, [m[i] for m in particles], jax.tree.map(lambda x: x[i], batch))
+            energy_fn(params, [m[i] for m in particles], jax.tree.map(lambda x: x[i], batch), *rest)
             for i in range(per_device)
         ]
         return stack_outputs(outputs)
 
-    mapped = jax.shard_map(
+    # Built per call for the number of shared arguments after the batch.
+    mapped = lambda count: jax.shard_map(
         local,
         mesh=mesh,
-        in_specs=(P(), P(sharding.PARTICLES), P(sharding.PARTICLES)),
+        in_specs=(P(), P(sharding.PARTICLES), P(sharding.PARTICLES)) + (P(),) * count,
         out_specs=P(sharding.PARTICLES),
         # Manual over the particles only: the batch axis stays with the
         # compiler, which keeps cross-example reductions (batch norm) exact.
@@ -118,7 +123,7 @@ def sharded_energies(energy_fn: EnergyFn, mesh: Mesh):
     )
     batch_sharding = NamedSharding(mesh, P(sharding.PARTICLES, sharding.BATCH))
 
-    def energies(params, particles, batch):
+    def energies(params, particles, batch, *rest):
         particles = list(particles)
         if not particles:
             raise ValueError("sharded_energies got no particle leaves")
@@ -154,7 +159,7 @@ def sharded_energies(energy_fn: EnergyFn, mesh: Mesh):
                 lambda x: jax.lax.with_sharding_constraint(x, batch_sharding) if x.ndim >= 2 else x,
                 batch,
             )
-        return mapped(params, particles, batch)
+        return mapped(len(rest))(params, particles, batch, *rest)
 
     return energies
 
@@ -171,6 +176,10 @@ class Stepper(NamedTuple):
     energies: Callable[[Any, list, Any], tuple[jax.Array, list]]
 
 
+# Steppers kept for reuse (see make_stepper); each holds its compiled programs.
+CACHE_SIZE = 16
+
+
 def make_stepper(
     loss_fn: Callable,
     layout: MaskLayout,
@@ -185,16 +194,85 @@ def make_stepper(
     particle (asynchronously: nothing waits on the host) followed by the
     jitted update. The state's buffers are donated to the update.
 
+    Compiled once: the jitted functions are kept (the last
+    :data:`CACHE_SIZE`), keyed by the loss function, the layout, the
+    config's fields that shape the program and the mesh; the target density
+    and a :class:`~sfpk_jax.sfpk.energy.StatefulLoss`'s state are arguments
+    of the programs. So another call with the same loss (or the same
+    ``StatefulLoss.fn``) and shapes, e.g. the next round of gradual pruning,
+    compiles nothing. A plain ``loss_fn`` is keyed by identity, as
+    ``jax.jit`` keys functions: it must be pure.
+
     Args:
-      loss_fn: pure ``loss_fn(params, batch) -> scalar``.
+      loss_fn: pure ``loss_fn(params, batch) -> scalar``, or a
+        :class:`~sfpk_jax.sfpk.energy.StatefulLoss`.
       layout: where the prunable leaves are.
       config: the hyper-parameters.
       target: the target mask density.
       mesh: the devices of ``shard`` mode (see :func:`sfpk_jax.parallel.sharding.default_mesh`).
     """
-    energy_fn = energy_lib.make_energy_fn(loss_fn, layout, config)
+    if config.particle_mode == "processes":
+        raise ValueError("particle_mode='processes' needs its worker processes: sfpk_prune starts "
+                         "them, or use sfpk_jax.sfpk.processes.process_stepper inside "
+                         "`with WorkerPool(...)`")
+    fn, loss_state = loss_parts(loss_fn)
+    if config.particle_mode == "shard":
+        mesh = mesh or sharding.default_mesh(config.particles)
+        loss_state = sharding.replicate(loss_state, mesh)
+    programs = _programs(fn, loss_state is not None, layout, program_config(config), mesh)
+    # Weakly typed, as the Python float it stands for: it takes the particles' dtype.
+    target = jnp.asarray(float(target))
+    return Stepper(
+        step=lambda params, state, batch: programs.step(params, loss_state, target, state, batch),
+        energies=lambda params, particles, batch: programs.energies(
+            params, particles, batch, loss_state),
+    )
 
-    def update(params, state, energy, grads):
+
+def loss_parts(loss_fn: Callable) -> tuple[Callable, Any]:
+    """``(fn, state)`` of a :class:`~sfpk_jax.sfpk.energy.StatefulLoss`, ``(loss_fn, None)`` else."""
+    if isinstance(loss_fn, energy_lib.StatefulLoss):
+        return loss_fn.fn, loss_fn.state
+    return loss_fn, None
+
+
+def three_arguments(fn: Callable, stateful: bool) -> Callable:
+    """``fn`` as ``(params, batch, state)``; a plain loss ignores the state (None)."""
+    return fn if stateful else (lambda params, batch, _: fn(params, batch))
+
+
+def program_config(config: SFPKConfig) -> SFPKConfig:
+    """``config`` less the fields the host loop alone reads, which must not split the caches."""
+    return config.replace(progress=True, early_stop=True)
+
+
+class _Programs(NamedTuple):
+    """``step(params, loss_state, target, state, batch)`` and
+    ``energies(params, particles, batch, loss_state)``."""
+
+    step: Callable
+    energies: Callable
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def combine_program(layout: MaskLayout, config: SFPKConfig) -> Callable:
+    """The jitted ``(params, target, state, outputs) -> (state, trace)`` of the modes that
+    evaluate the particles one call each: ``outputs`` holds one ``(E, grad E)`` per particle."""
+
+    def combine(params, target, state, outputs):
+        return sfpk_update(state, *stack_outputs(outputs), layout.gather(params), config=config,
+                           target=target)
+
+    return jax.jit(combine, donate_argnums=2)
+
+
+@functools.lru_cache(maxsize=CACHE_SIZE)
+def _programs(fn: Callable, stateful: bool, layout: MaskLayout, config: SFPKConfig,
+              mesh: jax.sharding.Mesh | None) -> _Programs:
+    """The jitted functions of :func:`make_stepper`, for ``fn(params, batch[, state])``."""
+    energy_fn = energy_lib.make_energy_fn(three_arguments(fn, stateful), layout, config)
+
+    def update(params, target, state, energy, grads):
         return sfpk_update(
             state, energy, grads, layout.gather(params), config=config, target=target
         )
@@ -202,38 +280,37 @@ def make_stepper(
     if config.particle_mode == "loop":
 
         @jax.jit
-        def one_particle(params, particles, batch, i):
+        def one_particle(params, particles, batch, i, loss_state):
             take = lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False)
-            return energy_fn(params, [take(m) for m in particles], jax.tree.map(take, batch))
+            return energy_fn(params, [take(m) for m in particles], jax.tree.map(take, batch),
+                             loss_state)
 
-        def outputs(params, particles, batch):
+        def outputs(params, particles, batch, loss_state):
             n = particles[0].shape[0]
             # One host-to-device copy of the step's batch, not one per particle.
             batch = jax.device_put(batch)
-            return tuple(one_particle(params, particles, batch, jnp.int32(i)) for i in range(n))
+            return tuple(one_particle(params, particles, batch, jnp.int32(i), loss_state)
+                         for i in range(n))
 
-        combine = jax.jit(
-            lambda params, state, outs: update(params, state, *stack_outputs(outs)),
-            donate_argnums=1,
-        )
+        combine = combine_program(layout, config)
         stack = jax.jit(stack_outputs)
-        return Stepper(
-            step=lambda params, state, batch: combine(
-                params, state, outputs(params, state.particles, batch)
+        return _Programs(
+            step=lambda params, loss_state, target, state, batch: combine(
+                params, target, state, outputs(params, state.particles, batch, loss_state)
             ),
-            energies=lambda params, particles, batch: stack(outputs(params, particles, batch)),
+            energies=lambda *args: stack(outputs(*args)),
         )
 
     if config.particle_mode != "shard":
         batched = all_particles(energy_fn, config.particle_mode, config.particle_chunk)
 
-        @functools.partial(jax.jit, donate_argnums=1)
-        def fused(params, state, batch):
-            return update(params, state, *batched(params, state.particles, batch))
+        @functools.partial(jax.jit, donate_argnums=3)
+        def fused(params, loss_state, target, state, batch):
+            return update(params, target, state, *batched(params, state.particles, batch,
+                                                          loss_state))
 
-        return Stepper(step=fused, energies=jax.jit(batched))
+        return _Programs(step=fused, energies=jax.jit(batched))
 
-    mesh = mesh or sharding.default_mesh(config.particles)
     batched = sharded_energies(energy_fn, mesh)
     # The state keeps one placement (particles split, the rest replicated, the
     # trace replicated for the host), so the step compiles once, not again
@@ -242,14 +319,15 @@ def make_stepper(
     whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     placement = SFPKState([split] * len(layout.paths), [whole] * len(layout.paths), whole, whole)
 
-    @functools.partial(jax.jit, donate_argnums=1, out_shardings=(placement, whole))
-    def sharded(params, state, batch):
-        return update(params, state, *batched(params, state.particles, batch))
+    @functools.partial(jax.jit, donate_argnums=3, out_shardings=(placement, whole))
+    def sharded(params, loss_state, target, state, batch):
+        return update(params, target, state, *batched(params, state.particles, batch, loss_state))
 
     place = functools.partial(sharding.shard_particle_batch, mesh=mesh)
     energies = jax.jit(batched)
-    return Stepper(
-        step=lambda params, state, batch: sharded(
-            params, jax.device_put(state, placement), place(batch)),
-        energies=lambda params, particles, batch: energies(params, particles, place(batch)),
+    return _Programs(
+        step=lambda params, loss_state, target, state, batch: sharded(
+            params, loss_state, target, jax.device_put(state, placement), place(batch)),
+        energies=lambda params, particles, batch, loss_state: energies(
+            params, particles, place(batch), loss_state),
     )

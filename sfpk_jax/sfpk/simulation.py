@@ -8,6 +8,7 @@ voted scores as the final mask.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -20,6 +21,7 @@ from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it 
 from sfpk_jax.core import channels, topk
 from sfpk_jax.core.masks import MaskLayout, Prunable, path_to_str
 from sfpk_jax.parallel import sharding
+from sfpk_jax.parallel.workers import WorkerError, WorkerPool
 from sfpk_jax.sfpk.checkpointing import (
     CheckpointPolicy,
     SimulationCheckpoints,
@@ -27,6 +29,7 @@ from sfpk_jax.sfpk.checkpointing import (
 )
 from sfpk_jax.sfpk.config import SFPKConfig, spode
 from sfpk_jax.sfpk.modes import Stepper, make_stepper
+from sfpk_jax.sfpk.processes import process_stepper
 from sfpk_jax.sfpk.state import (
     FAULTS,
     TRACE_FIELDS,
@@ -114,8 +117,12 @@ def sfpk_prune(
     layer's channels (:func:`sfpk_jax.core.channels.simulation_density`).
 
     Args:
-      loss_fn: pure ``loss_fn(params, batch) -> scalar`` (close over batch-norm
-        state in training mode).
+      loss_fn: pure ``loss_fn(params, batch) -> scalar`` (batch norm in
+        training mode), or a :class:`~sfpk_jax.sfpk.energy.StatefulLoss` that
+        takes the other variables (batch-norm state) as an argument. The
+        compiled step is reused by later calls with the same loss function
+        (for a ``StatefulLoss``, the same ``fn``), shapes and config (see
+        :func:`sfpk_jax.sfpk.modes.make_stepper`).
       params: the trained parameter pytree theta.
       batches: yields one batch pytree per step whose leaves have a leading
         axis of size ``config.particles``: particle i uses slice i. Either an
@@ -157,6 +164,8 @@ def sfpk_prune(
 
     Raises:
       ValueError: bad sparsity, batches or parameters (the message says which).
+      WorkerError: with ``particle_mode="processes"``, a worker process died
+        or failed (the checkpoints written so far are kept).
       ResumeError: the checkpoint folder holds another run, or a damaged one.
       FloatingPointError: a particle's energy, gradient or direction became
         NaN or Inf; the message names the step and particles, and the last
@@ -221,8 +230,20 @@ def sfpk_prune(
                 saved_trace["density"] = saved_trace.pop("sparsity")
             trace = {f: [np.asarray(row, np.float32) for row in saved_trace[f]] for f in TRACE_FIELDS}
     try:
-        state = _simulate(make_stepper(loss_fn, layout, config, target, mesh), params, state, batches,
-                          config, target, trace, checkpoints, desc)
+        with contextlib.ExitStack() as stack:
+            if config.particle_mode == "processes":
+                # The workers end with the simulation, however it ends.
+                pool = stack.enter_context(WorkerPool(config.particle_workers))
+                stepper = process_stepper(loss_fn, layout, config, target, pool)
+            else:
+                stepper = make_stepper(loss_fn, layout, config, target, mesh)
+            state = _simulate(stepper, params, state, batches, config, target, trace, checkpoints,
+                              desc)
+    except WorkerError as err:
+        kept = (f"the last checkpoint in {checkpoints.directory} is kept: run again with the same "
+                "checkpoint= to resume from it" if checkpoints is not None
+                else "pass checkpoint= to keep the progress of a long run")
+        raise WorkerError(f"SFPK (particle_mode='processes'): {err}; {kept}") from err
     finally:
         if checkpoints is not None:
             checkpoints.close()

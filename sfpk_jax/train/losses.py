@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import optax
 
 from sfpk_jax.models import ApplyFn
+from sfpk_jax.sfpk.energy import StatefulLoss
 
 PyTree = Any
 
@@ -29,7 +31,26 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
-def make_loss_fn(apply_fn: ApplyFn, variables: dict):
+@dataclasses.dataclass(frozen=True)
+class TrainingLoss:
+    """``fn(params, batch, state)``: the training-mode loss of a model, its state explicit.
+
+    Equal (and hashing alike) for the same ``apply_fn``, so that
+    :func:`sfpk_jax.sfpk_prune` reuses its compiled step across calls whose
+    variables differ (see :class:`sfpk_jax.sfpk.energy.StatefulLoss`).
+
+    Attributes:
+      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
+    """
+
+    apply_fn: ApplyFn
+
+    def __call__(self, params: PyTree, batch: dict, state: dict) -> jax.Array:
+        logits, _ = self.apply_fn({**state, "params": params}, batch["image"], True)
+        return cross_entropy(logits, batch["label"])
+
+
+def make_loss_fn(apply_fn: ApplyFn, variables: dict) -> StatefulLoss:
     """The training-mode loss as a function of the parameters alone.
 
     Batch norm normalises with the batch's statistics (training mode); the
@@ -41,11 +62,9 @@ def make_loss_fn(apply_fn: ApplyFn, variables: dict):
 
     Returns:
       ``loss_fn(params, batch) -> scalar`` where ``batch`` holds ``"image"``
-      and ``"label"``.
+      and ``"label"``: a :class:`~sfpk_jax.sfpk.energy.StatefulLoss` whose
+      state is every collection but ``params``, so that SFPK compiles its
+      step once for every call with the same ``apply_fn``.
     """
-
-    def loss_fn(params: PyTree, batch: dict) -> jax.Array:
-        logits, _ = apply_fn({**variables, "params": params}, batch["image"], True)
-        return cross_entropy(logits, batch["label"])
-
-    return loss_fn
+    state = {k: v for k, v in variables.items() if k != "params"}
+    return StatefulLoss(TrainingLoss(apply_fn), state)

@@ -12,13 +12,14 @@ from typing import Any
 
 from sfpk_jax.harness import environment
 from sfpk_jax.harness.flags import fail, flag_name
+from sfpk_jax.harness.processes import is_main
 from sfpk_jax.storage import checkpoints, files
 
 # Flags that may differ between a run and its --resume: they change where
 # things are and what is shown, not what is computed. The environment
 # (versions, machine) is a record, not a flag: see harness/environment.py.
 RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir",
-                  environment.KEY, "data")
+                  environment.KEY, "data", "coordinator_address", "process_id")
 # The data's fingerprint in config.json (see harness/datafp.py): compared on
 # --resume apart from the flags, so moved data (--data-dir) is fine, other data is not.
 DATA_KEY = "data"
@@ -261,6 +262,8 @@ def remember(args: argparse.Namespace, name: str, compute, inputs) -> Any:
         if isinstance(entry, dict) and entry.get("inputs_sha256") == digest:
             return entry["value"]
     value = compute()
+    if not is_main():
+        return value
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(path, {**read(), name: {"inputs_sha256": digest, "value": value}})
     return value

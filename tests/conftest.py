@@ -53,6 +53,7 @@ SLOW_MODULES = {
     "test_hostile_runs",
     "test_io",
     "test_multihost",
+    "test_multiprocess_runs",
     "test_notebook",
     "test_resume",
     "test_resume_experiments",

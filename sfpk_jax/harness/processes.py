@@ -22,6 +22,8 @@ from jax.experimental import multihost_utils
 from sfpk_jax.harness.flags import fail
 
 T = TypeVar("T")
+# Whether this process joined a group (launch), and so must leave it (leave).
+_joined = []
 
 
 def launch(args: argparse.Namespace) -> None:
@@ -51,10 +53,23 @@ def launch(args: argparse.Namespace) -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     try:
         jax.distributed.initialize(address, num_processes=count, process_id=index)
+        _joined.append(True)
     except Exception as err:  # noqa: BLE001 - XLA's runtime errors have no common type
         fail(f"process {index} could not join the {count} processes at --coordinator-address="
              f"{address} ({' '.join(str(err).split())[:300]}): start every process with the same "
              "address, reachable from every host, and process 0 listening there")
+
+
+def leave() -> None:
+    """Leaves the group with the others, for a refusal that stops every process alike.
+
+    Without it, process 0 (which hosts the coordinator) may exit first and
+    the others abort (SIGABRT) on losing it before printing their own line.
+    A process that stops alone must not call it: it would wait for the others.
+    """
+    if _joined:
+        _joined.clear()
+        jax.distributed.shutdown()
 
 
 def is_main() -> bool:

@@ -30,6 +30,10 @@ DATA_KEY = "data"
 # uninterrupted one.
 RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk", "mesh_batch",
                      "data_parallel")
+# Flags newer than some runs' config.json, with the value those runs had. The
+# process count may not change on --resume: each process's share of the
+# batches, and the data iterators' saved state, depend on it.
+ADDED_FLAGS = {"num_processes": 1}
 RESUME_LOG = "resume_changes"
 # What --overwrite removes before starting again, and nothing else: the files
 # the experiments write (results.json first: it marks a finished run), then
@@ -58,7 +62,7 @@ def _config_changes(out: Path, args: argparse.Namespace) -> list[tuple[str, Any,
     absent = "<absent>"
     differ, allowed = [], []
     for key in sorted((set(saved) | set(now)) - set(RESUME_IGNORES) - {RESUME_LOG}):
-        old, new = saved.get(key, absent), now.get(key, absent)
+        old, new = saved.get(key, ADDED_FLAGS.get(key, absent)), now.get(key, absent)
         if old != new:
             (allowed if key in RESUME_MAY_CHANGE else differ).append((key, old, new))
     if differ:

@@ -160,7 +160,6 @@ def common_checks(args: argparse.Namespace) -> list[Check]:
               args.mesh_batch <= 1 or args.particle_mode == "shard",
               "1 unless --particle-mode shard"),
         batch_split_check(args, 1),
-        *process_checks(args),
         # Files and folders the run reads.
         Check("--data-dir", args.data_dir, args.data_dir is None or Path(args.data_dir).is_dir(),
               f"an existing directory that holds --dataset={args.dataset} (CIFAR: the folder "
@@ -188,7 +187,10 @@ def batch_split_check(args: argparse.Namespace, accumulate: int) -> Check:
 
 
 def process_checks(args: argparse.Namespace) -> list[Check]:
-    """With several processes, SFPK's particles split evenly over them (``shard`` mode)."""
+    """With several processes, SFPK's particles split evenly over them (``shard`` mode).
+
+    For the experiments that prune (those that need a dense model).
+    """
     processes = jax.process_count()
     if processes == 1 or args.pruner not in PRUNERS or not spec(args.pruner).simulation:
         return []
@@ -272,7 +274,8 @@ def finish_args(parser: argparse.ArgumentParser, argv,
             # The dense model is trained here (1 epoch) unless a file gives it.
             other = args.dense_checkpoint or (dense_flag and getattr(args, dense_flag))
             args.pretrain_epochs = 0 if other else SMOKE["pretrain_epochs"]
-    require([*common_checks(args), *(c for more in checks for c in more(args)), out_check(args)])
+    require([*common_checks(args), *(process_checks(args) if needs_dense else []),
+             *(c for more in checks for c in more(args)), out_check(args)])
     check_config(args)
     if needs_dense:
         _check_dense_source(args, dense_flag)

@@ -68,6 +68,7 @@ SLOW_MODULES = {
     "test_hostile_runs",
     "test_io",
     "test_multihost",
+    "test_multiprocess_runs",
     "test_notebook",
     "test_processes",  # worker processes of particle_mode="processes"
     "test_resume",

@@ -182,7 +182,7 @@ BAD_FLAGS = [
      "at most the 1 devices"),
     ("oneshot", ["--mask-dim", "diag"], "--mask-dim", "diag"),
     ("oneshot", ["--mask-dim", "out"], "--mask-dim", "local"),
-    ("oneshot", ["--seed", "-1"], "--seed", ">= 0"),
+    ("oneshot", ["--seed", "-1"], "--seed", "an integer in [0, "),
     ("oneshot", ["--data-workers", "-1"], "--data-workers", ">= 0"),
     ("pretrain", ["--checkpoint-steps", "0"], "--checkpoint-steps", ">= 1"),
     ("oneshot", ["--pretrain-epochs", "-1"], "--pretrain-epochs", ">= 0"),

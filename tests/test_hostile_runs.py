@@ -21,8 +21,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import resource
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -41,16 +39,24 @@ DIGITS = ["--dataset", "digits", "--model", "small_cnn", "--no-progress"]
 FILE_LIMIT = 100_000
 
 
-def _run(module: str, *argv: str, file_limit: int | None = None) -> subprocess.CompletedProcess:
-    def limited() -> None:
-        # Ignored, SIGXFSZ would kill the writer; this way the write fails with EFBIG.
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        resource.setrlimit(resource.RLIMIT_FSIZE, (file_limit, resource.RLIM_INFINITY))
+# Runs a module under a file-size limit. Set in the child itself rather than
+# through subprocess's preexec_fn: that forks the test process, where JAX's
+# threads already run (JAX warns, and the suite turns warnings into errors).
+# SIGXFSZ is ignored so that a write beyond the limit fails with EFBIG
+# instead of killing the writer.
+_LIMITED = ("import resource, runpy, signal, sys\n"
+            "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+            "limit = (int(sys.argv[1]), resource.RLIM_INFINITY)\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, limit)\n"
+            "sys.argv = sys.argv[2:]\n"
+            "runpy.run_module(sys.argv[0], run_name='__main__', alter_sys=True)\n")
 
+
+def _run(module: str, *argv: str, file_limit: int | None = None) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-m", module, *argv], cwd=ROOT, env=env, text=True,
-                          capture_output=True, timeout=600,
-                          preexec_fn=limited if file_limit else None)
+    start = ["-c", _LIMITED, str(file_limit), module] if file_limit else ["-m", module]
+    return subprocess.run([sys.executable, *start, *argv], cwd=ROOT, env=env, text=True,
+                          capture_output=True, timeout=600)
 
 
 def _results(out: Path) -> dict:

@@ -14,7 +14,8 @@ ends with the outputs an uninterrupted run would have written, bit for bit
 The modules, each importing only those listed before it: :mod:`.compile_cache`
 (JAX's persistent compilation cache, ``--compile-cache``), :mod:`.flags` (the flags,
 the SFPK ones made from :class:`sfpk_jax.SFPKConfig`'s fields),
-:mod:`.progress` (bars or plain log lines), :mod:`.edge` (quiet loggers, a full
+:mod:`.processes` (``jax.distributed`` from the launch flags; only
+process 0 writes), :mod:`.progress` (bars or plain log lines), :mod:`.edge` (quiet loggers, a full
 disk in one line, clean exits), :mod:`.environment` (versions and machine for
 config.json), :mod:`.outdir` (the output folder, ``--resume``, ``--overwrite``),
 :mod:`.checks` (``finish_args``, ``--smoke``), :mod:`.results` (metrics and

@@ -21,8 +21,9 @@ from sfpk_jax.harness.flags import (
     sfpk_config,
 )
 from sfpk_jax.harness.outdir import check_out_state, inputs_kept
+from sfpk_jax.harness.processes import launch, main_first
 from sfpk_jax.models import build, registered
-from sfpk_jax.pruners import PRUNERS
+from sfpk_jax.pruners import PRUNERS, spec
 from sfpk_jax.sfpk.config import ConfigError
 
 # What --smoke sets the common size flags to when they are not given; scripts
@@ -171,12 +172,36 @@ def common_checks(args: argparse.Namespace) -> list[Check]:
 
 
 def batch_split_check(args: argparse.Namespace, accumulate: int) -> Check:
-    """With ``--data-parallel``, each micro-batch (``accumulate`` a step) splits over devices."""
-    devices = jax.device_count()
+    """Data-parallel, each micro-batch (``accumulate`` a step) splits over the devices.
+
+    With several processes each feeds its equal share of every batch to its
+    own devices, so the batch splits over all the devices of all processes.
+    """
+    devices, processes = jax.device_count(), jax.process_count()
+    where = (f"the {devices} devices of the {processes} processes (--num-processes)"
+             if processes > 1 else f"the {devices} devices (--data-parallel)")
     return Check("--batch-size", args.batch_size,
-                 not args.data_parallel or (args.batch_size // accumulate) % devices == 0,
-                 f"one whose (micro-)batches split evenly over the {devices} devices "
-                 "(--data-parallel)")
+                 not (args.data_parallel or processes > 1)
+                 or (args.batch_size // accumulate) % devices == 0,
+                 f"one whose (micro-)batches split evenly over {where}")
+
+
+def process_checks(args: argparse.Namespace) -> list[Check]:
+    """With several processes, SFPK's particles split evenly over them (``shard`` mode).
+
+    For the experiments that prune (those that need a dense model).
+    """
+    processes = jax.process_count()
+    if processes == 1 or args.pruner not in PRUNERS or not spec(args.pruner).simulation:
+        return []
+    return [
+        Check("--particle-mode", args.particle_mode, args.particle_mode == "shard",
+              "shard with --num-processes > 1 (the particles split over every process's "
+              "devices)"),
+        Check("--particles", args.particles, args.particles % processes == 0,
+              f"a multiple of the {processes} processes (--num-processes): each process's "
+              "devices take an equal share"),
+    ]
 
 
 def recipe_checks(args: argparse.Namespace) -> list[Check]:
@@ -236,6 +261,8 @@ def finish_args(parser: argparse.ArgumentParser, argv,
     """
     one_line_errors(parser)
     args = parser.parse_args(argv)
+    # Before anything asks JAX for its devices (the checks below do).
+    launch(args)
     if args.smoke:
         given = given_flags(parser, argv)
         apply_smoke(args, given, {**SMOKE, **(smoke or {})})
@@ -247,15 +274,16 @@ def finish_args(parser: argparse.ArgumentParser, argv,
             # The dense model is trained here (1 epoch) unless a file gives it.
             other = args.dense_checkpoint or (dense_flag and getattr(args, dense_flag))
             args.pretrain_epochs = 0 if other else SMOKE["pretrain_epochs"]
-    require([*common_checks(args), *(c for more in checks for c in more(args)), out_check(args)])
+    require([*common_checks(args), *(process_checks(args) if needs_dense else []),
+             *(c for more in checks for c in more(args)), out_check(args)])
     check_config(args)
     if needs_dense:
         _check_dense_source(args, dense_flag)
     _check_prunable(args)
-    check_out_state(args)
-    inputs_kept(args, {"--dense-checkpoint": args.dense_checkpoint, "--data-dir": args.data_dir,
-                       **({flag_name(dense_flag): getattr(args, dense_flag)} if dense_flag
-                          else {})})
+    # Process 0 alone judges --out (the others would see its lock and files).
+    main_first(lambda: (check_out_state(args), inputs_kept(args, {
+        "--dense-checkpoint": args.dense_checkpoint, "--data-dir": args.data_dir,
+        **({flag_name(dense_flag): getattr(args, dense_flag)} if dense_flag else {})})))
     return args
 
 

@@ -20,6 +20,8 @@ import sys
 import threading
 from collections.abc import Callable
 
+from sfpk_jax.harness import processes
+
 # Errors of a full disk, a full quota or a file-size limit (RLIMIT_FSIZE).
 DISK_FULL = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
 # Loggers that print what a run's user cannot act on (absl: tfds's "has no
@@ -128,6 +130,9 @@ def run(main: Callable[[], int]) -> None:
         raise
     if code in (0, None):
         sys.exit(0)
+    if code == 2:
+        # A refusal (bad flags, --out's state) stops every process of a group alike.
+        processes.leave()
     if not isinstance(code, int):
         print(code, file=sys.stderr)
         code = 1

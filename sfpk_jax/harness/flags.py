@@ -102,10 +102,14 @@ def sfpk_config(args: argparse.Namespace) -> SFPKConfig:
 def bars(args: argparse.Namespace) -> bool:
     """Progress bars, or plain lines: bars only on a terminal and without ``--no-progress``.
 
+    Only process 0 of several shows bars (read from the flags: this runs
+    before ``jax.distributed`` starts).
+
     A captured log (stdout redirected, a batch job) gets one plain line per
     epoch and per 10 SFPK steps instead of a bar's carriage-return updates.
     """
-    return not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+    return (not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+            and getattr(args, "process_id", 0) == 0)
 
 
 
@@ -181,7 +185,17 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                    help="--particle-mode shard: devices that split each particle's mini-batch "
                         "(the rest split the particles)")
     m.add_argument("--data-parallel", action="store_true",
-                   help="(re)train data-parallel: every batch split over all devices")
+                   help="(re)train data-parallel: every batch split over all devices (always so "
+                        "with --num-processes > 1)")
+    h = parser.add_argument_group("processes (one per host, see docs/many_devices.md)")
+    h.add_argument("--coordinator-address", default=None,
+                   help="HOST:PORT of process 0, where the processes meet (with --num-processes "
+                        "> 1); the same on every host")
+    h.add_argument("--num-processes", type=int, default=1,
+                   help="processes of the run, one per host, each with all its local devices")
+    h.add_argument("--process-id", type=int, default=0,
+                   help="this process's index in [0, --num-processes); process 0 writes the "
+                        "outputs")
 
 
 def add_recipe_flags(parser: argparse.ArgumentParser, *, lr, momentum, weight_decay,

@@ -12,13 +12,15 @@ from typing import Any
 
 from sfpk_jax.harness import environment
 from sfpk_jax.harness.flags import fail, flag_name
+from sfpk_jax.harness.processes import is_main
 from sfpk_jax.storage import checkpoints, files
 
 # Flags that may differ between a run and its --resume: they change where
 # things are and what is shown, not what is computed. The environment
 # (versions, machine) is a record, not a flag: see harness/environment.py.
 RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every", "data_dir",
-                  "compile_cache", "no_compile_cache", environment.KEY, "data")
+                  "compile_cache", "no_compile_cache", environment.KEY, "data",
+                  "coordinator_address", "process_id")
 # The data's fingerprint in config.json (see harness/datafp.py): compared on
 # --resume apart from the flags, so moved data (--data-dir) is fine, other data is not.
 DATA_KEY = "data"
@@ -29,6 +31,10 @@ DATA_KEY = "data"
 # uninterrupted one.
 RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk",
                      "particle_workers", "mesh_batch", "data_parallel")
+# Flags newer than some runs' config.json, with the value those runs had. The
+# process count may not change on --resume: each process's share of the
+# batches, and the data iterators' saved state, depend on it.
+ADDED_FLAGS = {"num_processes": 1}
 RESUME_LOG = "resume_changes"
 # What --overwrite removes before starting again, and nothing else: the files
 # the experiments write (results.json first: it marks a finished run), then
@@ -57,7 +63,7 @@ def _config_changes(out: Path, args: argparse.Namespace) -> list[tuple[str, Any,
     absent = "<absent>"
     differ, allowed = [], []
     for key in sorted((set(saved) | set(now)) - set(RESUME_IGNORES) - {RESUME_LOG}):
-        old, new = saved.get(key, absent), now.get(key, absent)
+        old, new = saved.get(key, ADDED_FLAGS.get(key, absent)), now.get(key, absent)
         if old != new:
             (allowed if key in RESUME_MAY_CHANGE else differ).append((key, old, new))
     if differ:
@@ -261,6 +267,8 @@ def remember(args: argparse.Namespace, name: str, compute, inputs) -> Any:
         if isinstance(entry, dict) and entry.get("inputs_sha256") == digest:
             return entry["value"]
     value = compute()
+    if not is_main():
+        return value
     path.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(path, {**read(), name: {"inputs_sha256": digest, "value": value}})
     return value

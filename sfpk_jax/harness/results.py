@@ -11,13 +11,14 @@ from typing import Any
 import jax
 import numpy as np
 
+from sfpk_jax.harness.processes import is_main
 from sfpk_jax.storage import files
 from sfpk_jax.tools import plots
 from sfpk_jax.tools.report import density_report
 
 
 class Metrics:
-    """Per-epoch rows, rewritten atomically to ``metrics.csv`` after every epoch.
+    """Per-epoch rows, rewritten atomically to ``metrics.csv`` after every epoch (by process 0).
 
     ``found`` holds the rows an interrupted run left in the file (read when
     the object is made), so a resumed run can tell a deleted checkpoint from
@@ -46,7 +47,7 @@ class Metrics:
         self._write()
 
     def _write(self) -> None:
-        if not self.rows:
+        if not self.rows or not is_main():
             return
         text = io.StringIO()
         writer = csv.DictWriter(text, fieldnames=list(self.rows[0]))
@@ -110,7 +111,7 @@ def trace_targets(args, sparsities: dict[str, float]) -> dict[str, float]:
 
 def write_outputs(out: Path, results: dict, metrics: Metrics, masks=None, traces=None, *,
                   title: str, pruned_before=(), targets=None) -> None:
-    """Plots, then results.json last (its presence marks a finished run).
+    """Plots, then results.json last (its presence marks a finished run); process 0 only.
 
     Args:
       out: the run's folder.
@@ -123,6 +124,8 @@ def write_outputs(out: Path, results: dict, metrics: Metrics, masks=None, traces
       pruned_before: the training phases that start right after pruning.
       targets: label of a trace -> its target density.
     """
+    if not is_main():
+        return
     plots.accuracy_over_epochs(metrics.rows, str(out / "accuracy.png"),
                                pruned_before=pruned_before, title=title)
     if masks is not None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,6 +25,7 @@ from sfpk_jax.harness.outdir import (
     slug,
     start,
 )
+from sfpk_jax.harness.processes import is_main, local, main_first
 from sfpk_jax.harness.results import Metrics
 from sfpk_jax.models import build
 from sfpk_jax.parallel import sharding
@@ -120,24 +123,32 @@ def setup(args: argparse.Namespace, prunes: bool = True) -> Setup:
     Returns:
       The :class:`Setup`.
     """
+    if not is_main():
+        # Process 0 shows the run; the others print errors only.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the rest of the process
     progress.configure(args)
     compile_cache.configure(args)
     bundle = open_data(args, prunes)
     apply_fn, variables = build_model(args, bundle)
     dense = dense_files.from_file(args, variables)
-    out = start(args, datafp.fingerprint(bundle))
+    data = datafp.fingerprint(bundle)
+    out = main_first(lambda: start(args, data)) or Path(args.out)
     return Setup(bundle, out, Metrics(out / "metrics.csv"), apply_fn, variables, dense)
 
 
 def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int,
-            accumulate: int = 1) -> tuple[Loader, Loader]:
+            accumulate: int = 1, whole: bool = False) -> tuple[Loader, Loader]:
     """Training (shuffled, augmented) and test (in order) loaders.
 
     With gradient accumulation the training loader yields micro-batches of
     ``batch_size / accumulate``, so each optimizer step still sees ``batch_size``.
+    With several processes the training loader yields this process's share of
+    every batch (for data-parallel training), unless ``whole``; every process
+    evaluates the whole test set with its own replica of the model.
     """
     train = Loader(bundle.train, args.batch_size // accumulate, transform=bundle.train_transform,
-                   seed=seed, workers=args.data_workers)
+                   seed=seed, workers=args.data_workers,
+                   sharded=jax.process_count() > 1 and not whole)
     test = Loader(bundle.test, min(256, len(bundle.test)), transform=bundle.eval_transform,
                   seed=seed, shuffle=False, drop_last=False, workers=args.data_workers)
     return train, test
@@ -184,7 +195,7 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
     if masks is not None:
         variables = {**variables, "params": apply_masks(variables["params"], masks)}
     opt_state = tx.init(variables["params"])
-    mesh = sharding.particle_mesh() if args.data_parallel else None
+    mesh = sharding.particle_mesh() if args.data_parallel or jax.process_count() > 1 else None
     fingerprint = {
         "phase": phase, "epochs": epochs, "steps_per_epoch": len(train),
         "accumulate": accumulate, "seed": args.seed + seed_offset,
@@ -252,19 +263,19 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
                         position = end
                         if position < len(train):
                             steps.save((epoch - 1) * len(train) + position,
-                                       {"variables": variables, "opt_state": opt_state},
+                                       local({"variables": variables, "opt_state": opt_state}),
                                        {"fingerprint": fingerprint, "position": position,
                                         "data_state": batches.get_state(), "chunks": chunks})
                 except FloatingPointError as err:
                     fail(_diverged(args, phase, epoch, err, series.directory))
                 loss = sum(mean * count for mean, count in chunks) / len(train)
                 position, chunks = 0, []
-                accs.append(evaluate_batches(apply_fn, variables,
+                accs.append(evaluate_batches(apply_fn, local(variables),
                                              itertools.islice(evals, len(test))))
                 row = {"phase": phase, "epoch": epoch, "train_loss": round(loss, 6),
                        "test_acc": accs[-1]}
                 # The checkpoint first: a metrics row on disk always has one.
-                series.save(epoch, {"variables": variables, "opt_state": opt_state},
+                series.save(epoch, local({"variables": variables, "opt_state": opt_state}),
                             {"fingerprint": fingerprint, "accs": accs, "rows": [*metrics.rows, row],
                              "data_state": batches.get_state()})
                 metrics.add(**row)
@@ -277,7 +288,8 @@ def fit(apply_fn, variables, args, bundle, *, epochs, masks=None, metrics: Metri
                 if iterator is not None:
                     iterator.close()
         bar.close()
-    return variables, accs
+    # The same numpy arrays on every process, for what follows (pruning, saving).
+    return local(variables), accs
 
 
 def _same_run(where: Path, record: dict, fingerprint: dict, phase: str) -> None:
@@ -320,7 +332,7 @@ def dense_model(args, run: Setup) -> dict:
 def recompute_bn(args, bundle, apply_fn, variables, masks):
     """The masked model with batch-norm statistics re-estimated (spec: after voting)."""
     masked = {**variables, "params": apply_masks(variables["params"], masks)}
-    train, _ = loaders(args, bundle, args.seed + 7)
+    train, _ = loaders(args, bundle, args.seed + 7, whole=True)
     batches = train.epoch(0)
     try:
         return recompute_batch_stats(apply_fn, masked, itertools.islice(batches, args.bn_batches))

@@ -36,6 +36,19 @@ def _brief(err: BaseException, limit: int = 300) -> str:
     return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
+def _host_local(tree: Any) -> Any:
+    """``tree`` with the arrays on this process's devices as numpy arrays.
+
+    With several processes orbax refuses a jax array that lives on one
+    process's device (each process has its own); as numpy, process 0 writes
+    it. Arrays spread over several processes' devices stay as they are.
+    """
+    if jax.process_count() == 1:
+        return tree
+    return jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array)
+                        and x.is_fully_addressable else x, tree)
+
+
 def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = False) -> None:
     """Writes ``tree`` (any pytree; None leaves allowed) to the folder ``path``.
 
@@ -49,7 +62,7 @@ def save(path: str | os.PathLike, tree: Any, *, overwrite: bool = False) -> None
     if path.exists() and not overwrite:
         raise FileExistsError(f"checkpoint {path} exists; pass overwrite=True to replace it")
     with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(path, tree, force=overwrite)
+        checkpointer.save(path, _host_local(tree), force=overwrite)
         checkpointer.wait_until_finished()
 
 
@@ -147,6 +160,7 @@ class Series:
 
     def save(self, step: int, state: Any, record: dict) -> None:
         """Writes step ``step`` (replacing an existing one of that number)."""
+        state = _host_local(state)
         record = {**record, "state_sha256": tree_digest(state)}
         self._open().save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record)), force=True)

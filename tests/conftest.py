@@ -41,7 +41,16 @@ jax.config.update("jax_numpy_dtype_promotion", "standard")
 # instead of compiling them. Set in the environment, so that the experiments
 # the suite starts as subprocesses use the same folder. SFPK_JAX_COMPILE_CACHE
 # set beforehand (a folder, or "off") wins.
-os.environ.setdefault(compile_cache.ENV, str(Path(__file__).resolve().parents[1] / ".cache" / "jax"))
+# One folder per xdist worker: JAX writes cache entries without a lock, so a
+# worker could read another's half-written entry. _SUITE_CACHE marks the
+# folder as the suite's own choice (the workers inherit the controller's
+# environment), as opposed to one the user set.
+_SUITE_CACHE = "SFPK_JAX_SUITE_CACHE"
+if compile_cache.ENV not in os.environ or os.environ.get(_SUITE_CACHE) == "1":
+    _worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    os.environ[compile_cache.ENV] = str(Path(__file__).resolve().parents[1] / ".cache" / "jax"
+                                        / _worker)
+    os.environ[_SUITE_CACHE] = "1"
 if compile_cache.default_dir() is not None:
     compile_cache.enable(compile_cache.default_dir())
 

@@ -135,7 +135,8 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                         "nothing else)")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --out from its last checkpoints; the "
-                        "flags must be the run's (only --lr may change, see docs/long_runs.md)")
+                        "flags must be the run's (--lr and the device settings may change, "
+                        "see docs/long_runs.md)")
     g.add_argument("--checkpoint-every", type=int, default=10,
                    help="SFPK steps between simulation checkpoints (training: every epoch)")
     g.add_argument("--checkpoint-steps", type=int, default=500,

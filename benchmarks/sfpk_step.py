@@ -104,10 +104,11 @@ class _Timer:
 
 
 def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=512,
-        particles=10, repeats=5, particle_mode="loop", seed=0, workers=None, pin=True) -> dict:
+        particles=10, repeats=5, particle_mode="loop", seed=0, workers=None, pin=True,
+        conv_chunk=0) -> dict:
     """Times the step and the bare passes; returns the report (see the module doc)."""
     loss_fn, params, batch = build_problem(
-        model, tuple(input_shape), num_classes, particles, batch_size, seed
+        model, tuple(input_shape), num_classes, particles, batch_size, seed, conv_chunk
     )
     mode, chunk = parse_mode(particle_mode)
     config = sfpk_jax.SFPKConfig(particles=particles, particle_mode=mode, particle_chunk=chunk)
@@ -128,7 +129,7 @@ def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=5
     report.update({
         "model": model, "input_shape": list(input_shape), "num_classes": num_classes,
         "batch_size": batch_size, "particles": particles, "repeats": repeats,
-        "particle_mode": particle_mode, "pinned": pin if pool else None,
+        "particle_mode": particle_mode, "pinned": pin if pool else None, "conv_chunk": conv_chunk,
         "prunable": int(sum(layout.mask_sizes)),
         "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
         "machine": platform.processor() or platform.machine(),
@@ -180,12 +181,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-pin", action="store_true",
                         help="processes mode: leave the workers unpinned")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--conv-chunk", type=int, default=0,
+                        help="examples per convolution chunk (models.chunked_conv; 0: none)")
     args = parser.parse_args(argv)
     report = run(
         model=args.model, input_shape=tuple(int(s) for s in args.input_shape.split(",")),
         num_classes=args.num_classes, batch_size=args.batch_size, particles=args.particles,
         repeats=args.repeats, particle_mode=args.particle_mode, seed=args.seed,
-        workers=args.workers, pin=not args.no_pin,
+        workers=args.workers, pin=not args.no_pin, conv_chunk=args.conv_chunk,
     )
     print(f"{report['model']} n={report['particles']} batch {report['batch_size']} "
           f"({report['particle_mode']}, {report['backend']}): "

@@ -9,7 +9,9 @@ each in its own process, one after the other, and records the load average
 (``os.getloadavg``) before and after each. Prints a markdown table with each
 step's median and its ratio to the official code's at the same batch size,
 then one JSON object with every report. Without ``--official-python`` only
-our modes run; ``processes-unpinned`` is ``processes`` with ``--no-pin``.
+our modes run; ``processes-unpinned`` is ``processes`` with ``--no-pin``, and
+a mode ending in ``+chunkK`` (``processes+chunk128``) runs every convolution
+over chunks of K examples (``--conv-chunk K``).
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--official-dir", default=None, help="checkout of mzf666/SFPK-main")
     parser.add_argument("--batch-sizes", default="128,512")
     parser.add_argument("--modes", default="loop,processes",
-                        help="comma list of --particle-mode (processes-unpinned: with --no-pin)")
+                        help="comma list of --particle-mode (processes-unpinned: with --no-pin; "
+                             "+chunkK: --conv-chunk K)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2, help="the official code's torch threads")
     args = parser.parse_args(argv)
@@ -57,9 +60,11 @@ def main(argv=None) -> list[dict]:
             rows.append({"implementation": f"official, {args.threads} torch threads",
                          "batch": int(batch), "report": official})
         for mode in args.modes.split(","):
-            # "processes-unpinned": processes mode with --no-pin.
-            flags = ["--particle-mode", mode.removesuffix("-unpinned")]
-            flags += ["--no-pin"] * mode.endswith("-unpinned")
+            # "processes-unpinned": processes mode with --no-pin; "+chunkK": --conv-chunk K.
+            name, _, chunk = mode.partition("+chunk")
+            flags = ["--particle-mode", name.removesuffix("-unpinned"),
+                     "--conv-chunk", chunk or "0"]
+            flags += ["--no-pin"] * name.endswith("-unpinned")
             ours = _measured([sys.executable, "-m", "benchmarks.sfpk_step", *flags, *common])
             rows.append({"implementation": f"ours, {mode}", "batch": int(batch), "report": ours})
             if official:

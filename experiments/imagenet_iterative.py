@@ -23,7 +23,6 @@ from pathlib import Path
 from sfpk_jax import density_report, harness
 from sfpk_jax.harness.flags import path_arg
 from sfpk_jax.pruners import spec
-from sfpk_jax.train import evaluate_batches
 
 
 def parse_args(argv=None):
@@ -77,7 +76,7 @@ def main(argv=None) -> int:
     variables = harness.dense_model(args, run)
     _, test = harness.loaders(args, bundle, args.seed)
     dense_acc = harness.remember(args, "dense_acc",
-                                 lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
+                                 lambda: harness.eval_accuracy(apply_fn, variables, test.epoch(0)),
                                  variables)
 
     # Every step below is checkpointed or remembered, so a --resume replays the
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
             traces[label], sparsities[label] = pruned.result.trace, sparsity
         variables = harness.recompute_bn(args, bundle, apply_fn, variables, pruned.masks)
         acc_pruned = harness.remember(args, f"acc_pruned_round{e + 1}",
-                                      lambda: evaluate_batches(apply_fn, variables, test.epoch(0)),
+                                      lambda: harness.eval_accuracy(apply_fn, variables, test.epoch(0)),
                                       variables)
         epochs = args.epochs if e == args.rounds - 1 else args.round_epochs
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ import tensorflow_datasets as tfds
 
 from sfpk_jax.data import (
     DatasetNotFoundError,
+    ExampleRandom,
     cifar_eval,
     cifar_train,
     cifar_transforms,
@@ -150,7 +151,7 @@ def _normalised(image: np.ndarray) -> np.ndarray:
 
 def test_crop_is_a_window_of_the_padded_image():
     images = _images(np.random.default_rng(0), 6)
-    out = np.stack([cifar_train(im, np.random.default_rng(i), mean=MEAN, std=STD) for i, im in enumerate(images)])
+    out = cifar_train(images, ExampleRandom(0, range(6)), mean=MEAN, std=STD)
     assert out.shape == (6, 32, 32, 3) and out.dtype == np.float32
     padded = np.pad(images, ((0, 0), (4, 4), (4, 4), (0, 0)))
     offsets = set()
@@ -175,8 +176,7 @@ def _window(image: np.ndarray, top: int, left: int, flip: bool) -> np.ndarray:
 def test_flip_flips():
     image = np.zeros((32, 32, 3), np.uint8)
     image[:, :5] = 255  # a bright band on the left: flipping moves it right
-    rng = np.random.default_rng(0)
-    out = [cifar_train(image, rng, mean=MEAN, std=STD, pad=0) for _ in range(16)]
+    out = cifar_train(np.stack([image] * 16), ExampleRandom(0, range(16)), mean=MEAN, std=STD, pad=0)
     plain, flipped = _normalised(image), _normalised(np.flip(image, axis=1))
     is_plain = [np.allclose(o, plain) for o in out]
     is_flipped = [np.allclose(o, flipped) for o in out]
@@ -204,12 +204,30 @@ def test_cifar_transforms_use_each_dataset_statistics():
     assert not np.allclose(ten, hundred)
 
 
-def test_augmentation_is_deterministic_in_the_generator():
+def test_augmentation_is_deterministic_per_example():
+    """An example's crop and flip depend on its seed and key only, not on its batch."""
     images = _images(np.random.default_rng(0), 8)
     train, _ = cifar_transforms("cifar100")
-    def augment(seed):
-        return np.stack([train(im, np.random.default_rng((seed, i))) for i, im in enumerate(images)])
+    def augment(seed, keys=range(8)):
+        return train(images, ExampleRandom(seed, keys))
 
     a, b, c = augment(5), augment(5), augment(6)
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
+    alone = np.concatenate([train(images[i:i + 1], ExampleRandom(5, [i])) for i in range(8)])
+    np.testing.assert_array_equal(alone, a)
+    reordered = train(images[::-1], ExampleRandom(5, range(7, -1, -1)))
+    np.testing.assert_array_equal(reordered[::-1], a)
+
+
+def test_example_random_draws_are_uniform_and_independent_of_the_batch():
+    rng = ExampleRandom(3, range(20000))
+    u, v = rng.random(), rng.random()
+    assert u.dtype == np.float64 and 0 <= u.min() and u.max() < 1
+    assert abs(u.mean() - 0.5) < 0.01 and abs(np.corrcoef(u, v)[0, 1]) < 0.03
+    counts = np.bincount(ExampleRandom(4, range(9000)).integers(0, 9), minlength=9)
+    assert counts.min() > 900 and counts.max() < 1100
+    part = ExampleRandom(3, [7, 19999])
+    np.testing.assert_array_equal(part.random(), u[[7, 19999]])
+    gens = [ExampleRandom(3, [5, 6]).generator(0), ExampleRandom(3, [5]).generator(0)]
+    assert gens[0].random() == gens[1].random()

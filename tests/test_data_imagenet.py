@@ -8,6 +8,7 @@ import tensorflow_datasets as tfds
 
 from sfpk_jax.data import (
     DatasetNotFoundError,
+    ExampleRandom,
     Loader,
     imagenet_eval,
     imagenet_train,
@@ -77,8 +78,7 @@ def test_train_transform_shape_determinism_and_flip():
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((50, 70), (90, 40), (64, 64))]
     def train(seed, **kw):
-        rng = np.random.default_rng(seed)
-        return np.stack([imagenet_train(im, rng, **kw) for im in images])
+        return imagenet_train(images, ExampleRandom(seed, range(len(images))), **kw)
 
     a = train(1)
     assert a.shape == (3, 224, 224, 3) and a.dtype == np.float32
@@ -97,13 +97,13 @@ def test_train_transform_shape_determinism_and_flip():
 def test_eval_transform_resizes_and_center_crops():
     # Constant colour survives bilinear resizing exactly.
     image = np.full((300, 400, 3), (10, 120, 250), np.uint8)
-    out = np.stack([imagenet_eval(image), imagenet_eval(image[:100])])
+    out = imagenet_eval([image, image[:100]])
     assert out.shape == (2, 224, 224, 3) and out.dtype == np.float32
     expected = (np.asarray((10, 120, 250)) / 255 - np.asarray(IMAGENET_MEAN)) / np.asarray(IMAGENET_STD)
     np.testing.assert_allclose(out, np.broadcast_to(expected, out.shape), atol=1e-5)
     # A centred marker stays centred: rows/cols symmetric around the middle.
     marked = np.zeros((256, 512, 3), np.uint8)
     marked[118:138, 246:266] = 255
-    centre = imagenet_eval(marked)[:, :, 0]
+    centre = imagenet_eval([marked])[0, :, :, 0]
     bright = np.argwhere(centre > centre.min() + 1)
     assert abs(bright.mean(axis=0) - 111.5).max() < 1.0

@@ -184,6 +184,7 @@ BAD_FLAGS = [
     ("oneshot", ["--mask-dim", "out"], "--mask-dim", "local"),
     ("oneshot", ["--seed", "-1"], "--seed", "an integer in [0, "),
     ("oneshot", ["--data-workers", "-1"], "--data-workers", ">= 0"),
+    ("oneshot", ["--conv-chunk", "-1"], "--conv-chunk", ">= 0"),
     ("pretrain", ["--checkpoint-steps", "0"], "--checkpoint-steps", ">= 1"),
     ("oneshot", ["--pretrain-epochs", "-1"], "--pretrain-epochs", ">= 0"),
     ("oneshot", ["--pretrain-epochs", "0"], "--dense-checkpoint", "no dense model"),

@@ -11,6 +11,7 @@ from sfpk_jax.data import load_digits
 from sfpk_jax.models import build
 from sfpk_jax.train import (
     evaluate,
+    evaluate_batches,
     lr_schedule,
     make_loss_fn,
     sgd_cosine,
@@ -87,6 +88,17 @@ def test_evaluate_handles_partial_last_batch(digits):
     expected = float(np.mean(np.argmax(logits, axis=-1) == y))
     assert evaluate(apply_fn, variables, x, y, batch_size=25) == pytest.approx(expected)
     assert evaluate(apply_fn, variables, x, y) == pytest.approx(expected)
+
+
+def test_evaluate_across_processes_sums_every_process_count(digits):
+    """In one process the gathered counts are this process's: the same accuracy."""
+    apply_fn, variables = build("mlp")
+    batches = [{"image": digits.x_test[i:i + 40], "label": digits.y_test[i:i + 40]}
+               for i in range(0, 103, 40)]
+    alone = evaluate_batches(apply_fn, variables, batches)
+    assert evaluate_batches(apply_fn, variables, batches, across_processes=True) == alone
+    assert alone == pytest.approx(evaluate(apply_fn, variables, digits.x_test[:120],
+                                           digits.y_test[:120]))
 
 
 def test_label_smoothing_changes_the_objective(digits):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from sfpk_jax.data.arrays import batch_iterator, particle_batches
 from sfpk_jax.data.augment import (
+    ExampleRandom,
     Transform,
     cifar_eval,
     cifar_train,
@@ -51,6 +52,7 @@ __all__ = [
     "Loader",
     "RandomAccessSource",
     "TfdsSource",
+    "ExampleRandom",
     "Transform",
     "batch_iterator",
     "batches",

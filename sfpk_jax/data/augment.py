@@ -1,14 +1,16 @@
-"""The paper's image augmentations and normalisation, one uint8 HWC image at a time.
+"""The paper's image augmentations and normalisation, a batch at a time, seeded per example.
 
-Every transform has the signature ``transform(image, rng) -> float32 HWC``:
-``image`` is one uint8 ``(H, W, C)`` array (ImageNet's vary in size) and
-``rng`` a :class:`numpy.random.Generator`, the only source of randomness, so
-a transform is deterministic given the generator's state. Evaluation
-transforms ignore it. The loaders (:mod:`sfpk_jax.data.pipeline`) call them
-through grain's ``random_map``, which hands each example its own generator.
+Every transform has the signature ``transform(images, rng) -> float32
+(B, H, W, C)``: ``images`` is a batch, one uint8 ``(B, H, W, C)`` array or a
+list of ``(H, W, C)`` arrays (ImageNet's vary in size), and ``rng`` an
+:class:`ExampleRandom`, the only source of randomness: each example's draws
+depend only on its own seed, so an example is augmented the same in any
+batch. Evaluation transforms ignore it (None is fine).
 
 Hand-written because grain ships no image ops: the crops, flips and resizes
-must be torchvision's (the paper's protocol), in numpy and PIL.
+must be torchvision's (the paper's protocol), in numpy and PIL. CIFAR's are
+vectorised over the batch: per example, grain's ``random_map`` and a numpy
+``Generator`` cost more than the crop itself (``benchmarks/RESULTS.md``).
 """
 
 from __future__ import annotations
@@ -20,7 +22,63 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from PIL import Image
 
-Transform = Callable[[np.ndarray, np.random.Generator | None], np.ndarray]
+Images = np.ndarray | Sequence[np.ndarray]
+
+_MASK = 2**64 - 1
+_GOLDEN = 0x9E3779B97F4A7C15
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finaliser: a bijective scramble of uint64 (wrapping arithmetic)."""
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+class ExampleRandom:
+    """Independent random draws for every example of a batch, vectorised.
+
+    Example ``i``'s ``d``-th draw is a hash of ``(seed, keys[i], d)``
+    (SplitMix64, counter-based), so it does not depend on the other examples
+    of the batch. numpy has no generator that is vectorised over per-example
+    keys, and one ``numpy.random.Generator`` per example costs ~10 µs, more
+    than a CIFAR crop; transforms that work example by example (PIL) take
+    :meth:`generator`.
+    """
+
+    def __init__(self, seed: int, keys: Sequence[int]):
+        """Draws for ``len(keys)`` examples.
+
+        Args:
+          seed: non-negative int, the stream's seed.
+          keys: one non-negative int per example (its position in the data
+            stream), distinct within a stream.
+        """
+        self.seed = int(seed)
+        self.keys = np.asarray(keys, np.uint64).reshape(-1)
+        base = np.full(1, ((self.seed + 1) * _GOLDEN) & _MASK, np.uint64)
+        self._state = _mix(_mix(base) ^ self.keys)
+        self._draws = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def random(self) -> np.ndarray:
+        """One uniform float64 in [0, 1) per example (the next draw of each)."""
+        self._draws += 1
+        bits = _mix(self._state + np.uint64((self._draws * _GOLDEN) & _MASK))
+        return (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+
+    def integers(self, low: int, high: int) -> np.ndarray:
+        """One int64 in ``[low, high)`` per example (the next draw of each)."""
+        return low + np.floor(self.random() * (high - low)).astype(np.int64)
+
+    def generator(self, index: int) -> np.random.Generator:
+        """Example ``index``'s own numpy generator (seeded by its seed and key only)."""
+        return np.random.default_rng((self.seed, int(self.keys[index])))
+
+
+Transform = Callable[[Images, ExampleRandom | None], np.ndarray]
 
 CIFAR_STATS = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -45,23 +103,23 @@ def normalize(image: np.ndarray, mean: Sequence[float], std: Sequence[float]) ->
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def identity(image: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-    """The transform of already-preprocessed data: the image as float32.
+def identity(images: Images, rng: ExampleRandom | None = None) -> np.ndarray:
+    """The transform of already-preprocessed data: the batch as float32.
 
     Args:
-      image: one image.
+      images: a batch of equally shaped images.
       rng: ignored.
 
     Returns:
-      The image as a float32 array.
+      The images stacked into one float32 array.
     """
     del rng
-    return np.asarray(image, np.float32)
+    return np.asarray(np.stack(images) if isinstance(images, list) else images, np.float32)
 
 
 def cifar_train(
-    image: np.ndarray,
-    rng: np.random.Generator,
+    images: Images,
+    rng: ExampleRandom,
     *,
     mean: Sequence[float],
     std: Sequence[float],
@@ -69,43 +127,48 @@ def cifar_train(
 ) -> np.ndarray:
     """Zero-pads, randomly crops back to the input size, flips half the time, normalises.
 
+    Vectorised over the batch: the crops and flips are one gather.
+
     Args:
-      image: uint8 ``(H, W, C)``.
-      rng: source of the crop offset (top, left) and then the flip.
+      images: uint8 ``(B, H, W, C)`` (or a list of ``(H, W, C)``).
+      rng: per-example draws: the crop's top offset, its left offset, then
+        the flip.
       mean: per-channel mean of the [0, 1] pixels.
       std: per-channel standard deviation of the [0, 1] pixels.
       pad: zero border added on each side before cropping.
 
     Returns:
-      float32 ``(H, W, C)``.
+      float32 ``(B, H, W, C)``.
     """
-    image = np.asarray(image)
-    h, w = image.shape[:2]
-    top, left = rng.integers(0, 2 * pad + 1, size=2) - pad
-    # The window of the zero-padded image, without building the padded copy.
-    crop = np.zeros_like(image)
-    crop[max(0, -top) : h - max(0, top), max(0, -left) : w - max(0, left)] = image[
-        max(0, top) : h + min(0, top), max(0, left) : w + min(0, left)
-    ]
-    return normalize(crop[:, ::-1] if rng.random() < 0.5 else crop, mean, std)
+    images = np.asarray(np.stack(images) if isinstance(images, list) else images)
+    b, h, w = images.shape[:3]
+    top, left = rng.integers(0, 2 * pad + 1), rng.integers(0, 2 * pad + 1)
+    flip = rng.random() < 0.5
+    padded = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    rows = top[:, None] + np.arange(h)
+    cols = left[:, None] + np.arange(w)
+    cols = np.where(flip[:, None], cols[:, ::-1], cols)
+    crops = padded[np.arange(b)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    return normalize(crops, mean, std)
 
 
 def cifar_eval(
-    image: np.ndarray, rng: np.random.Generator | None = None, *, mean: Sequence[float], std: Sequence[float]
+    images: Images, rng: ExampleRandom | None = None, *, mean: Sequence[float],
+    std: Sequence[float]
 ) -> np.ndarray:
     """Normalisation only.
 
     Args:
-      image: uint8 ``(H, W, C)``.
+      images: uint8 ``(B, H, W, C)`` (or a list of ``(H, W, C)``).
       rng: ignored.
       mean: per-channel mean of the [0, 1] pixels.
       std: per-channel standard deviation of the [0, 1] pixels.
 
     Returns:
-      float32 ``(H, W, C)``.
+      float32 ``(B, H, W, C)``.
     """
     del rng
-    return normalize(image, mean, std)
+    return normalize(np.stack(images) if isinstance(images, list) else images, mean, std)
 
 
 def cifar_transforms(name: str) -> tuple[Transform, Transform]:
@@ -170,42 +233,53 @@ def random_resized_crop_box(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def imagenet_train(image: np.ndarray, rng: np.random.Generator, *, size: int = 224) -> np.ndarray:
+def imagenet_train(images: Images, rng: ExampleRandom, *, size: int = 224) -> np.ndarray:
     """Random-resized crop to ``size`` (bilinear), horizontal flip half the time, normalisation.
 
+    Example by example (PIL), each with its own generator (``rng.generator``).
+
     Args:
-      image: uint8 ``(H, W, 3)`` of any size.
-      rng: source of the crop, then the flip.
+      images: uint8 ``(H, W, 3)`` images of any sizes.
+      rng: per-example draws; each example's generator gives its crop, then
+        its flip.
       size: output height and width.
 
     Returns:
-      float32 ``(size, size, 3)``.
+      float32 ``(B, size, size, 3)``.
     """
-    top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], rng)
-    crop = np.asarray(
-        Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
-    )
-    return normalize(crop[:, ::-1] if rng.random() < 0.5 else crop, IMAGENET_MEAN, IMAGENET_STD)
+    out = []
+    for index, image in enumerate(images):
+        gen = rng.generator(index)
+        top, left, h, w = random_resized_crop_box(image.shape[0], image.shape[1], gen)
+        box = (left, top, left + w, top + h)
+        crop = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR,
+                                                        box=box))
+        out.append(crop[:, ::-1] if gen.random() < 0.5 else crop)
+    return normalize(np.stack(out), IMAGENET_MEAN, IMAGENET_STD)
 
 
 def imagenet_eval(
-    image: np.ndarray, rng: np.random.Generator | None = None, *, size: int = 224, resize: int = 256
+    images: Images, rng: ExampleRandom | None = None, *, size: int = 224, resize: int = 256
 ) -> np.ndarray:
     """Resizes the shorter side to ``resize`` (bilinear), center-crops ``size``, normalises.
 
     Args:
-      image: uint8 ``(H, W, 3)`` of any size.
+      images: uint8 ``(H, W, 3)`` images of any sizes.
       rng: ignored.
       size: output height and width.
       resize: length of the shorter side before cropping.
 
     Returns:
-      float32 ``(size, size, 3)``.
+      float32 ``(B, size, size, 3)``.
     """
     del rng
-    h, w = image.shape[:2]
-    # As torchvision's Resize(int): the longer side is truncated, not rounded.
-    new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
-    resized = np.asarray(Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BILINEAR))
-    top, left = round((new_h - size) / 2), round((new_w - size) / 2)
-    return normalize(resized[top : top + size, left : left + size], IMAGENET_MEAN, IMAGENET_STD)
+    out = []
+    for image in images:
+        h, w = image.shape[:2]
+        # As torchvision's Resize(int): the longer side is truncated, not rounded.
+        new_h, new_w = (resize, int(resize * w / h)) if h <= w else (int(resize * h / w), resize)
+        resized = np.asarray(Image.fromarray(image).resize((new_w, new_h),
+                                                           Image.Resampling.BILINEAR))
+        top, left = round((new_h - size) / 2), round((new_w - size) / 2)
+        out.append(resized[top : top + size, left : left + size])
+    return normalize(np.stack(out), IMAGENET_MEAN, IMAGENET_STD)

@@ -6,12 +6,13 @@ A *source* is anything with ``__len__`` and ``__getitem__(i) -> {"image",
 :mod:`sfpk_jax.data.tfds_source`, or a raw ``tfds.data_source``.
 
 Everything else is grain's: :func:`batches` builds one endless
-``grain.MapDataset`` (a per-epoch shuffle, a per-example seeded augmentation
-through ``random_map``, this JAX process's shard, batches that never cross an
-epoch), so step ``s`` is a pure function of ``(seed, s)``; iterating it goes
-through ``to_iter_dataset`` (reader threads, prefetch) and ``mp_prefetch``
-(worker processes for decoding and augmentation), whose iterators carry a
-checkpointable state (``get_state``/``set_state``).
+``grain.MapDataset`` of batches (grain's per-epoch shuffle order, this JAX
+process's shard, batches that never cross an epoch, each batch read and
+augmented at once, every example with its own seeded draws), so step ``s`` is
+a pure function of ``(seed, s)``;
+iterating it goes through ``to_iter_dataset`` (reader threads, prefetch) and
+``mp_prefetch`` (worker processes for decoding and augmentation), whose
+iterators carry a checkpointable state (``get_state``/``set_state``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import grain
 import numpy as np
 from absl import flags
 
-from sfpk_jax.data.augment import Transform
+from sfpk_jax.data.augment import ExampleRandom, Transform
 
 Batch = dict[str, np.ndarray]
 
@@ -63,25 +64,52 @@ class ArraySource:
         return {"image": self.images[index], "label": self.labels[index]}
 
 
-class _Augment:
-    """``random_map`` body: the transform of one example with the generator grain gives it.
+class _Batch:
+    """Batch ``g`` of the endless stream: which examples, read and transformed.
 
-    A class rather than a closure so that ``mp_prefetch`` can pickle it to
-    its worker processes.
+    grain's per-element steps (``shuffle``, slices, ``batch``, ``random_map``)
+    cost ~50 µs per example here, more than a CIFAR crop, so this map does the
+    per-batch arithmetic itself: the epoch and its positions from ``g``, the
+    examples at those positions in the order ``MapDataset.shuffle(seed)``
+    gives (grain's own ``index_shuffle``, called as that dataset calls it),
+    then one read and one vectorised transform of the whole batch (in the
+    worker processes when there are any). A class rather than a closure so
+    that ``mp_prefetch`` can pickle it.
     """
 
-    def __init__(self, transform: Transform | None):
-        self.transform = transform
+    def __init__(self, source: RandomAccessSource, transform: Transform | None, *,
+                 batch_size: int, steps: int, shuffle_seed: int | None, augment_seed: int,
+                 shard_index: int, shard_count: int):
+        self.source, self.transform = source, transform
+        self.batch_size, self.steps = batch_size, steps
+        self.shuffle_seed, self.augment_seed = shuffle_seed, augment_seed
+        self.shard_index, self.shard_count = shard_index, shard_count
 
-    def plain(self, record: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """The example as numpy, the label as int32 (no transform)."""
-        return self(record, None)
+    def positions(self, index: int) -> tuple[int, np.ndarray]:
+        """``(epoch, positions in that epoch's order)`` of this process's part of batch ``index``."""
+        n = len(self.source)
+        epoch, k = divmod(index, self.steps)
+        start = k * self.batch_size + self.shard_index
+        return epoch, np.arange(start, min(n, (k + 1) * self.batch_size), self.shard_count)
 
-    def __call__(self, record: Mapping[str, Any], rng: np.random.Generator | None) -> dict[str, np.ndarray]:
-        image = np.asarray(record["image"])
-        if self.transform is not None:
-            image = np.asarray(self.transform(image, rng), np.float32)
-        return {"image": image, "label": np.asarray(record["label"], np.int32)}
+    def __call__(self, index: int, _) -> Batch:
+        n = len(self.source)
+        epoch, positions = self.positions(index)
+        if self.shuffle_seed is None:
+            examples = positions.tolist()
+        else:
+            seed = (self.shuffle_seed + epoch) % 2**32
+            examples = [grain.experimental.index_shuffle(int(p), max_index=n - 1, seed=seed,
+                                                         rounds=4) for p in positions]
+        records = [self.source[i] for i in examples]
+        images = [np.asarray(record["image"]) for record in records]
+        if self.transform is None:
+            images = np.stack(images)
+        else:
+            rng = ExampleRandom(self.augment_seed, positions + epoch * n)
+            images = np.asarray(self.transform(images, rng), np.float32)
+        labels = np.asarray([record["label"] for record in records], np.int32)
+        return {"image": images, "label": labels}
 
 
 def shard() -> tuple[int, int]:
@@ -116,15 +144,17 @@ def batches(
 
     Element ``e * steps + k`` is batch ``k`` of epoch ``e`` (``steps`` batches
     per epoch, see :func:`steps_per_epoch`): epoch ``e`` is shuffled with
-    grain's ``seed + e`` and example ``i`` of epoch ``e`` is augmented with
-    the generator grain derives from ``(seed, e * len(source) + i)``, so any
-    epoch (or step) is reproduced alone, whatever the order of reading.
+    grain's ``seed + e`` (the order of ``MapDataset.shuffle``) and the
+    ``i``-th example of that order is augmented with the draws of
+    :class:`~sfpk_jax.data.augment.ExampleRandom` keyed ``e * len(source) +
+    i``, so any epoch (or step) is reproduced alone, whatever the order of
+    reading, the batching or the worker count.
 
     Args:
       source: the split to load.
       batch_size: examples per global batch, in [1, len(source)], a multiple
         of ``shard_count``.
-      transform: per-example ``transform(image, rng) -> float32`` (see
+      transform: ``transform(images, rng) -> float32`` batch (see
         :mod:`sfpk_jax.data.augment`); None keeps the images.
       seed: non-negative int, or tuple of them, seeding shuffles and
         augmentations.
@@ -150,16 +180,11 @@ def batches(
         raise ValueError(f"{n} examples do not make whole batches of {batch_size}; with several "
                          "processes every process must see as many batches: pass drop_last=True")
     shuffle_seed, augment_seed = _seeds(seed)
-    ds = grain.MapDataset.source(source)
-    # Without a transform there is nothing random to seed: a plain map is cheaper.
-    ds = ds.map(_Augment(None).plain) if transform is None else ds.random_map(_Augment(transform), seed=augment_seed)
-    if shuffle:
-        ds = ds.shuffle(seed=shuffle_seed)
-    # Trimmed to whole global batches before sharding, so that every process
-    # yields the same number of batches and together they make the global one.
-    ds = ds[: steps_per_epoch(n, batch_size, drop_last) * batch_size] if drop_last else ds
-    ds = ds[shard_index::shard_count]
-    return ds.batch(batch_size // shard_count, drop_remainder=drop_last).repeat(None)
+    steps = steps_per_epoch(n, batch_size, drop_last)
+    load = _Batch(source, transform, batch_size=batch_size, steps=steps,
+                  shuffle_seed=shuffle_seed if shuffle else None, augment_seed=augment_seed,
+                  shard_index=shard_index, shard_count=shard_count)
+    return grain.MapDataset.range(steps).repeat(None).map_with_index(load)
 
 
 def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = True) -> int:
@@ -239,7 +264,7 @@ class Loader:
         Args:
           source: the split to load.
           batch_size: examples per global batch, in [1, len(source)].
-          transform: per-example ``transform(image, rng) -> float32 HWC``
+          transform: ``transform(images, rng) -> float32`` of a batch
             (see :mod:`sfpk_jax.data.augment`); None keeps the images.
           seed: non-negative seed of the shuffles and augmentations.
           shuffle: visit the examples in a random order.
@@ -338,7 +363,7 @@ def particle_loader(
       source: the split to load.
       n: number of particles, at least 1.
       batch_size: examples per particle and step, in [1, len(source)].
-      transform: per-example transform; None keeps the images.
+      transform: batch transform (see :mod:`sfpk_jax.data.augment`); None keeps the images.
       seed: non-negative int (or tuple of them) seeding all the draws.
       start: index of the first step to yield (0 for a fresh run).
       workers: worker processes for reading and augmenting (0: none).

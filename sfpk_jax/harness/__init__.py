@@ -61,6 +61,7 @@ from sfpk_jax.harness.results import (
 from sfpk_jax.harness.training import (
     build_model,
     dense_model,
+    eval_accuracy,
     fit,
     loaders,
     open_data,
@@ -70,7 +71,8 @@ from sfpk_jax.harness.training import (
 
 __all__ = [
     "Check", "Metrics", "RESUME_LOG", "add_common_flags", "add_config_flags", "add_recipe_flags",
-    "batch_split_check", "build_model", "check_config", "count", "csv_items", "dense_model", "fail",
+    "batch_split_check", "build_model", "check_config", "count", "csv_items", "dense_model",
+    "eval_accuracy", "fail",
     "finish_args", "finite", "fit", "guarded", "list_check", "loaders", "mask_results",
     "one_line_errors", "open_data", "out_check", "positive_ints", "prune_model", "recipe_checks", "recompute_bn",
     "remember", "require", "run", "run_title", "save_checkpoint", "setup", "sfpk_config",

@@ -185,6 +185,11 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
     m.add_argument("--mesh-batch", type=int, default=1,
                    help="--particle-mode shard: devices that split each particle's mini-batch "
                         "(the rest split the particles)")
+    m.add_argument("--conv-chunk", type=int, default=None,
+                   help="run every convolution over chunks of this many examples: the same "
+                        "model up to float rounding, and on CPU faster SFPK steps at batches of "
+                        "128 and more (benchmarks/RESULTS.md); 0: whole batches. Default: "
+                        "32 on CPU, 0 on accelerators")
     m.add_argument("--data-parallel", action="store_true",
                    help="(re)train data-parallel: every batch split over all devices (always so "
                         "with --num-processes > 1)")

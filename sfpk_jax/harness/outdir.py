@@ -26,15 +26,15 @@ RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every
 DATA_KEY = "data"
 # Flags a --resume may change on purpose: the learning rate, to get past a
 # diverged (NaN) epoch; the particle mode, when the run moves to another
-# machine (it changes float rounding only). A change is announced and recorded
+# machine, and the convolution chunks (they change float rounding only). A change is announced and recorded
 # in config.json under RESUME_LOG; the run is then no longer bit-equal to an
 # uninterrupted one.
 RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk",
-                     "particle_workers", "mesh_batch", "data_parallel")
+                     "particle_workers", "mesh_batch", "data_parallel", "conv_chunk")
 # Flags newer than some runs' config.json, with the value those runs had. The
 # process count may not change on --resume: each process's share of the
 # batches, and the data iterators' saved state, depend on it.
-ADDED_FLAGS = {"num_processes": 1}
+ADDED_FLAGS = {"num_processes": 1, "conv_chunk": 0}
 RESUME_LOG = "resume_changes"
 # What --overwrite removes before starting again, and nothing else: the files
 # the experiments write (results.json first: it marks a finished run), then

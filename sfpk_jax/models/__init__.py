@@ -12,7 +12,9 @@ from sfpk_jax.models import mobilenet as _mobilenet  # noqa: F401
 from sfpk_jax.models import resnet50 as _resnet50  # noqa: F401
 from sfpk_jax.models import small_cnn as _small_cnn  # noqa: F401
 from sfpk_jax.models import vgg as _vgg  # noqa: F401
+from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.pretrained import load_pretrained
 from sfpk_jax.models.registry import ApplyFn, build, make_apply_fn, register, registered
 
-__all__ = ["ApplyFn", "build", "load_pretrained", "make_apply_fn", "register", "registered"]
+__all__ = ["ApplyFn", "build", "chunked_conv", "load_pretrained", "make_apply_fn", "register",
+           "registered"]

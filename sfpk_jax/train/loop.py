@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import multihost_utils
 from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
 
 from sfpk_jax.core.masks import apply_masks
@@ -45,7 +46,8 @@ def _pad_to(a: np.ndarray, size: int) -> np.ndarray:
     return np.pad(a, pad)
 
 
-def evaluate_batches(apply_fn: ApplyFn, variables: dict, batches: Iterable[dict]) -> float:
+def evaluate_batches(apply_fn: ApplyFn, variables: dict, batches: Iterable[dict], *,
+                     across_processes: bool = False) -> float:
     """Top-1 accuracy in eval mode over ``{"image", "label"}`` batches.
 
     Batches smaller than the first are padded to its size, so every pass has
@@ -55,6 +57,9 @@ def evaluate_batches(apply_fn: ApplyFn, variables: dict, batches: Iterable[dict]
       apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
       variables: model variables.
       batches: an iterable of batches, e.g. a non-shuffled loader epoch.
+      across_processes: each JAX process passes its own share of the
+        examples and the counts are summed over all processes (a collective:
+        every process must call it).
 
     Returns:
       The fraction of correctly classified examples.
@@ -62,14 +67,17 @@ def evaluate_batches(apply_fn: ApplyFn, variables: dict, batches: Iterable[dict]
     Raises:
       FloatingPointError: the outputs are NaN or Inf on some example.
     """
-    correct, bad, seen, size = 0, 0, 0, None
+    counts, size = np.zeros(3, np.int64), None  # correct, not finite, seen
     for batch in batches:
         images, labels = np.asarray(batch["image"]), np.asarray(batch["label"])
         size = size or len(images)
         valid = np.arange(size) < len(images)
         right, wrong = _count_correct(apply_fn, variables, _pad_to(images, size),
                                       _pad_to(labels, size), valid)
-        correct, bad, seen = correct + int(right), bad + int(wrong), seen + len(images)
+        counts += (int(right), int(wrong), len(images))
+    if across_processes:
+        counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 3).sum(axis=0)
+    correct, bad, seen = (int(c) for c in counts)
     if seen == 0:
         raise ValueError("evaluate_batches got no examples")
     if bad:

@@ -41,7 +41,8 @@ def _member(args) -> None:
     jax.distributed.initialize(f"127.0.0.1:{args.port}", num_processes=args.processes,
                                process_id=args.process_id)
     report = sfpk_step.run(batch_size=args.batch_size, particles=args.particles,
-                           repeats=args.repeats, particle_mode="shard")
+                           repeats=args.repeats, particle_mode="shard",
+                           conv_chunk=args.conv_chunk)
     report["processes"] = args.processes
     if args.process_id == 0:
         print(json.dumps(report))
@@ -53,6 +54,8 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--particles", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--conv-chunk", type=int, default=0,
+                        help="examples per convolution chunk (models.chunked_conv; 0: none)")
     parser.add_argument("--process-id", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -64,7 +67,8 @@ def main(argv=None) -> None:
     port = _free_port()
     common = [sys.executable, "-m", "benchmarks.distributed_step", "--processes",
               str(args.processes), "--batch-size", str(args.batch_size), "--particles",
-              str(args.particles), "--repeats", str(args.repeats), "--port", str(port)]
+              str(args.particles), "--repeats", str(args.repeats), "--conv-chunk",
+              str(args.conv_chunk), "--port", str(port)]
     procs = [subprocess.Popen([*common, "--process-id", str(i)], env=env,
                               stdout=subprocess.PIPE if i == 0 else subprocess.DEVNULL, text=True)
              for i in range(args.processes)]

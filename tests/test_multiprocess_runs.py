@@ -88,7 +88,8 @@ def _dense(data: str, folder: Path) -> list[str]:
     flags = ["--data-dir", str(_cifar100_python(folder / "cifar"))] if data == "cifar" else []
     args = argparse.Namespace(dataset="cifar100" if flags else "digits",
                               data_dir=flags[1] if flags else None, smoke=True, batch_size=32,
-                              prune_batch_size=16, model="small_cnn", seed=0, mask_dim=None)
+                              prune_batch_size=16, model="small_cnn", seed=0, mask_dim=None,
+                              conv_chunk=None)
     _, variables = build_model(args, open_data(args))
     path = folder / "dense"
     checkpoints.save(path, jax.device_get(variables))

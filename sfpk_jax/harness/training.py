@@ -18,6 +18,7 @@ from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load, shard
 from sfpk_jax.harness import compile_cache, datafp, progress
 from sfpk_jax.harness import dense as dense_files
+from sfpk_jax.harness.checks import conv_chunk
 from sfpk_jax.harness.flags import fail, flag_name
 from sfpk_jax.harness.outdir import (
     DAMAGED,
@@ -92,13 +93,6 @@ def build_model(args: argparse.Namespace, bundle: DataBundle):
     except ValueError as err:
         fail(f"--model={args.model}: {err}")
     return apply_fn, variables
-
-
-def conv_chunk(args: argparse.Namespace) -> int:
-    """``--conv-chunk``, its default resolved: 32 on CPU (measured fastest), else 0 (unmeasured)."""
-    if args.conv_chunk is not None:
-        return args.conv_chunk
-    return 32 if jax.default_backend() == "cpu" else 0
 
 
 class Setup(NamedTuple):

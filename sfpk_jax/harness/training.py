@@ -157,6 +157,9 @@ def loaders(args: argparse.Namespace, bundle: DataBundle, seed: int,
     if jax.process_count() > 1:
         index, count = shard()
         test_set = grain.MapDataset.source(bundle.test)[index::count]
+        if not len(test_set):
+            fail(f"the test set has {len(bundle.test)} examples, fewer than the {count} "
+                 "processes: every process evaluates its share of it; use fewer processes")
     test = Loader(test_set, min(256, len(test_set)), transform=bundle.eval_transform,
                   seed=seed, shuffle=False, drop_last=False, workers=args.data_workers)
     return train, test

@@ -38,12 +38,14 @@ def main(argv=None) -> int:
     dense = harness.dense_model(args, run)
     _, test = harness.loaders(args, bundle, args.seed)
     dense_acc = harness.remember(args, "dense_acc",
-                                 lambda: harness.eval_accuracy(apply_fn, dense, test.epoch(0)), dense)
+                                 lambda: harness.eval_accuracy(apply_fn, dense, test.epoch(0)),
+                                 dense)
 
     pruned = harness.prune_model(args, bundle, apply_fn, dense, args.sparsity)
     masked = harness.recompute_bn(args, bundle, apply_fn, dense, pruned.masks)
     acc_pruned = harness.remember(args, "acc_pruned",
-                                  lambda: harness.eval_accuracy(apply_fn, masked, test.epoch(0)), masked)
+                                  lambda: harness.eval_accuracy(apply_fn, masked, test.epoch(0)),
+                                  masked)
     harness.save_checkpoint(args, out / "checkpoints" / "pruned",
                             {"variables": masked, "masks": pruned.masks})
 

@@ -96,9 +96,9 @@ def main(argv=None) -> int:
             label = f"round {e + 1} (to {100 * sparsity:.3g}%)"
             traces[label], sparsities[label] = pruned.result.trace, sparsity
         variables = harness.recompute_bn(args, bundle, apply_fn, variables, pruned.masks)
-        acc_pruned = harness.remember(args, f"acc_pruned_round{e + 1}",
-                                      lambda: harness.eval_accuracy(apply_fn, variables, test.epoch(0)),
-                                      variables)
+        acc_pruned = harness.remember(
+            args, f"acc_pruned_round{e + 1}",
+            lambda: harness.eval_accuracy(apply_fn, variables, test.epoch(0)), variables)
         epochs = args.epochs if e == args.rounds - 1 else args.round_epochs
         t0 = time.perf_counter()
         variables, accs = harness.fit(apply_fn, variables, args, bundle, epochs=epochs,

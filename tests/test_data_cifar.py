@@ -176,7 +176,8 @@ def _window(image: np.ndarray, top: int, left: int, flip: bool) -> np.ndarray:
 def test_flip_flips():
     image = np.zeros((32, 32, 3), np.uint8)
     image[:, :5] = 255  # a bright band on the left: flipping moves it right
-    out = cifar_train(np.stack([image] * 16), ExampleRandom(0, range(16)), mean=MEAN, std=STD, pad=0)
+    out = cifar_train(np.stack([image] * 16), ExampleRandom(0, range(16)), mean=MEAN, std=STD,
+                      pad=0)
     plain, flipped = _normalised(image), _normalised(np.flip(image, axis=1))
     is_plain = [np.allclose(o, plain) for o in out]
     is_flipped = [np.allclose(o, flipped) for o in out]

@@ -9,10 +9,10 @@ Everything else is grain's: :func:`batches` builds one endless
 ``grain.MapDataset`` of batches (grain's per-epoch shuffle order, this JAX
 process's shard, batches that never cross an epoch, each batch read and
 augmented at once, every example with its own seeded draws), so step ``s`` is
-a pure function of ``(seed, s)``;
-iterating it goes through ``to_iter_dataset`` (reader threads, prefetch) and
-``mp_prefetch`` (worker processes for decoding and augmentation), whose
-iterators carry a checkpointable state (``get_state``/``set_state``).
+a pure function of ``(seed, s)``; iterating it goes through
+``to_iter_dataset`` (reader threads, prefetch) and ``mp_prefetch`` (worker
+processes for decoding and augmentation), whose iterators carry a
+checkpointable state (``get_state``/``set_state``).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class _Batch:
         self.shard_index, self.shard_count = shard_index, shard_count
 
     def positions(self, index: int) -> tuple[int, np.ndarray]:
-        """``(epoch, positions in that epoch's order)`` of this process's part of batch ``index``."""
+        """``(epoch, positions in the epoch's order)`` of this process's part of batch ``index``."""
         n = len(self.source)
         epoch, k = divmod(index, self.steps)
         start = k * self.batch_size + self.shard_index
@@ -363,7 +363,8 @@ def particle_loader(
       source: the split to load.
       n: number of particles, at least 1.
       batch_size: examples per particle and step, in [1, len(source)].
-      transform: batch transform (see :mod:`sfpk_jax.data.augment`); None keeps the images.
+      transform: batch transform (see :mod:`sfpk_jax.data.augment`); None keeps
+        the images.
       seed: non-negative int (or tuple of them) seeding all the draws.
       start: index of the first step to yield (0 for a fresh run).
       workers: worker processes for reading and augmenting (0: none).

@@ -25,10 +25,10 @@ RESUME_IGNORES = ("out", "overwrite", "resume", "no_progress", "checkpoint_every
 # --resume apart from the flags, so moved data (--data-dir) is fine, other data is not.
 DATA_KEY = "data"
 # Flags a --resume may change on purpose: the learning rate, to get past a
-# diverged (NaN) epoch; the particle mode, when the run moves to another
-# machine, and the convolution chunks (they change float rounding only). A change is announced and recorded
-# in config.json under RESUME_LOG; the run is then no longer bit-equal to an
-# uninterrupted one.
+# diverged (NaN) epoch; the particle mode and the convolution chunks, when
+# the run moves to another machine (they change float rounding only). A change
+# is announced and recorded in config.json under RESUME_LOG; the run is then
+# no longer bit-equal to an uninterrupted one.
 RESUME_MAY_CHANGE = ("lr", "pretrain_lr", "particle_mode", "particle_chunk",
                      "particle_workers", "mesh_batch", "data_parallel", "conv_chunk")
 # Flags newer than some runs' config.json, with the value those runs had. The

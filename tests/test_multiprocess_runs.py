@@ -89,7 +89,7 @@ def _dense(data: str, folder: Path) -> list[str]:
     args = argparse.Namespace(dataset="cifar100" if flags else "digits",
                               data_dir=flags[1] if flags else None, smoke=True, batch_size=32,
                               prune_batch_size=16, model="small_cnn", seed=0, mask_dim=None,
-                              conv_chunk=None)
+                              conv_chunk=0)
     _, variables = build_model(args, open_data(args))
     path = folder / "dense"
     checkpoints.save(path, jax.device_get(variables))

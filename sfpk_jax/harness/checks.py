@@ -280,9 +280,11 @@ def finish_args(parser: argparse.ArgumentParser, argv,
     require([*common_checks(args), *(process_checks(args) if needs_dense else []),
              *(c for more in checks for c in more(args)), out_check(args)])
     check_config(args)
-    # Resolved here, so that config.json records the chunk used and a --resume
-    # on another backend announces the change.
-    args.conv_chunk = conv_chunk(args)
+    # The default resolved here, so that config.json records the chunk used and
+    # a --resume on another backend announces the change: 32 on CPU (measured
+    # fastest), 0 elsewhere (unmeasured).
+    if args.conv_chunk is None:
+        args.conv_chunk = 32 if jax.default_backend() == "cpu" else 0
     if needs_dense:
         _check_dense_source(args, dense_flag)
     _check_prunable(args)
@@ -291,13 +293,6 @@ def finish_args(parser: argparse.ArgumentParser, argv,
         "--dense-checkpoint": args.dense_checkpoint, "--data-dir": args.data_dir,
         **({flag_name(dense_flag): getattr(args, dense_flag)} if dense_flag else {})})))
     return args
-
-
-def conv_chunk(args: argparse.Namespace) -> int:
-    """``--conv-chunk``, its default resolved: 32 on CPU (measured fastest), else 0 (unmeasured)."""
-    if args.conv_chunk is not None:
-        return args.conv_chunk
-    return 32 if jax.default_backend() == "cpu" else 0
 
 
 def given_flags(parser: argparse.ArgumentParser, argv) -> set[str]:

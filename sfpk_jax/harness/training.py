@@ -18,7 +18,6 @@ from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load, shard
 from sfpk_jax.harness import compile_cache, datafp, progress
 from sfpk_jax.harness import dense as dense_files
-from sfpk_jax.harness.checks import conv_chunk
 from sfpk_jax.harness.flags import fail, flag_name
 from sfpk_jax.harness.outdir import (
     DAMAGED,
@@ -87,7 +86,7 @@ def build_model(args: argparse.Namespace, bundle: DataBundle):
     """``(apply_fn, variables)`` for ``--model`` on the dataset's shapes."""
     apply_fn, variables = build(args.model, num_classes=bundle.num_classes,
                                 key=jax.random.key(args.seed), input_shape=(1, *bundle.image_shape),
-                                conv_chunk=conv_chunk(args))
+                                conv_chunk=args.conv_chunk)
     try:
         MaskLayout.from_params(variables["params"], None, args.mask_dim)
     except ValueError as err:

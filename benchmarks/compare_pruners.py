@@ -19,8 +19,8 @@ import time
 
 import numpy as np
 
-from sfpk_jax import harness
-from sfpk_jax.pruners import PRUNERS
+from experiments import harness
+from sfpk_jax import pruners
 from sfpk_jax.storage import files
 from sfpk_jax.tools import plots
 from sfpk_jax.train import evaluate_batches
@@ -35,7 +35,7 @@ def parse_args(argv=None):
                              pretrain_epochs=40, epochs=5)
     harness.add_recipe_flags(parser, lr=0.01, momentum=0.875, weight_decay=0.0, warmup_epochs=0)
     g = parser.add_argument_group("comparison")
-    g.add_argument("--pruners", default=",".join(PRUNERS), help="comma-separated pruner names")
+    g.add_argument("--pruners", default=",".join(pruners.names()), help="comma-separated pruner names")
     g.add_argument("--sparsities", default="0.9,0.95,0.98,0.99",
                    help="comma-separated fractions of the prunable weights removed")
     g.add_argument("--seeds", default="0,1,2",
@@ -53,8 +53,8 @@ def parse_args(argv=None):
 def _checks(args) -> list[harness.Check]:
     """The comparison's lists (names known, values in range, each once), and its dense models."""
     return [
-        harness.list_check("--pruners", args.pruners, str, f"names from {', '.join(PRUNERS)}",
-                           lambda name: name in PRUNERS),
+        harness.list_check("--pruners", args.pruners, str, f"names from {', '.join(pruners.names())}",
+                           lambda name: name in pruners.names()),
         harness.sparsities_check(args.sparsities),
         harness.list_check("--seeds", args.seeds, int, "integers >= 0", lambda seed: seed >= 0),
         harness.Check("--pretrain-lr", args.pretrain_lr,

@@ -38,11 +38,11 @@ import jax.numpy as jnp
 
 import sfpk_jax
 from benchmarks.common import PeakRSS, build_problem, device_peak_mb
-from sfpk_jax import initial_state, make_stepper
+from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.parallel.sharding import default_mesh
-from sfpk_jax.parallel.workers import WorkerPool
-from sfpk_jax.sfpk import modes
-from sfpk_jax.sfpk.processes import process_stepper
+from sfpk_jax.parallel.worker_pool import WorkerPool
+from sfpk_jax.sfpk import initial_state, make_stepper, modes
+from sfpk_jax.sfpk.particle_workers import process_stepper
 
 
 def make_bare(loss_fn, particles: int, mode: str, chunk: int, pool: WorkerPool | None = None):
@@ -111,18 +111,19 @@ def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=5
         model, tuple(input_shape), num_classes, particles, batch_size, seed, conv_chunk
     )
     mode, chunk = parse_mode(particle_mode)
-    config = sfpk_jax.SFPKConfig(particles=particles, particle_mode=mode, particle_chunk=chunk)
-    layout = sfpk_jax.MaskLayout.from_params(params)
+    config = sfpk_jax.SFPKConfig(particles=particles)
+    execution = sfpk_jax.Execution(particle_mode=mode, particle_chunk=chunk)
+    layout = MaskLayout.from_params(params)
     with contextlib.ExitStack() as stack:
         pool = None
         if mode == "processes":
             # One pool each: a pool holds one function at a time.
             pool = stack.enter_context(WorkerPool(workers, pin=pin))
-            stepper = process_stepper(loss_fn, layout, config, 0.05, pool)
+            stepper = process_stepper(loss_fn, layout, config, 0.05, pool, execution)
             bare = make_bare(loss_fn, particles, mode, chunk,
                              stack.enter_context(WorkerPool(workers, pin=pin)))
         else:
-            stepper = make_stepper(loss_fn, layout, config, target=0.05)
+            stepper = make_stepper(loss_fn, layout, config, 0.05, execution)
             bare = make_bare(loss_fn, particles, mode, chunk)
         report = _time(stepper, bare, params, batch, initial_state(layout, config), repeats)
         report["workers"] = pool.size if pool else None

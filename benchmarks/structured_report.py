@@ -19,6 +19,7 @@ import sys
 import jax.numpy as jnp
 
 import sfpk_jax
+from experiments.harness import rundir
 from sfpk_jax.models import build
 from sfpk_jax.storage import files
 from sfpk_jax.tools.flops import layer_costs, summary
@@ -61,8 +62,8 @@ def main(argv=None) -> int:
     if not 0.0 < args.sparsity < 1.0:
         p.error(f"--sparsity={args.sparsity} must lie in (0, 1)")
     try:
-        out = files.prepare_out_dir(args.out, overwrite=args.overwrite, marker="report.json")
-    except (files.OutputExistsError, PermissionError) as err:
+        out = rundir.prepare_out_dir(args.out, overwrite=args.overwrite, marker="report.json")
+    except (rundir.OutputExistsError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     reports = [model_report(m, args.sparsity, args.mask_dim) for m in args.models.split(",")]

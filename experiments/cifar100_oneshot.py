@@ -17,7 +17,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from sfpk_jax import density_report, harness
+from experiments import harness
+from sfpk_jax import sparsity_report
 
 
 def parse_args(argv=None):
@@ -66,7 +67,7 @@ def main(argv=None) -> int:
         "prune_seconds": pruned.seconds,
         "retrain_seconds": retrain_s,
     }
-    print(density_report(pruned.masks, dense["params"]).table())
+    print(sparsity_report(pruned.masks, dense["params"]).table())
     label = f"{100 * args.sparsity:g}% sparsity"
     title = harness.run_title(args, f"{args.pruner} at {label}, retrained "
                                     f"{harness.count(args.epochs, 'epoch')}")

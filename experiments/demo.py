@@ -22,9 +22,9 @@ import time
 import jax
 
 import sfpk_jax
-from sfpk_jax import harness
+from experiments import harness
+from experiments.harness import environment, flag_checks, flags, progress, rundir
 from sfpk_jax.data import batch_iterator, load_digits, particle_batches
-from sfpk_jax.harness import checks, environment, flags, progress
 from sfpk_jax.models import build
 from sfpk_jax.storage import files
 from sfpk_jax.tools import plots
@@ -37,7 +37,7 @@ from sfpk_jax.train import (
 )
 
 PRUNERS = ("sfpk", "magnitude")
-# What --smoke changes besides the common sizes (harness.checks.SMOKE).
+# What --smoke changes besides the common sizes (harness.flag_flag_checks.SMOKE).
 SMOKE = {"sparsities": "0.9", "retrain_epochs": 1}
 
 
@@ -72,8 +72,8 @@ def parse_args(argv):
     p.add_argument("--no-progress", action="store_true", help=flags.NO_PROGRESS_HELP)
     args = p.parse_args(argv)
     if args.smoke:
-        sizes = {k: v for k, v in checks.SMOKE.items() if hasattr(args, k)}
-        checks.apply_smoke(args, checks.given_flags(p, argv), {**sizes, **SMOKE})
+        sizes = {k: v for k, v in flag_checks.SMOKE.items() if hasattr(args, k)}
+        flag_checks.apply_smoke(args, flag_checks.given_flags(p, argv), {**sizes, **SMOKE})
     train_size = len(load_digits(seed=args.seed).x_train) if args.seed >= 0 else 0
     harness.require([
         harness.sparsities_check(args.sparsities),
@@ -101,8 +101,9 @@ def prune(pruner, args, loss_fn, params, data, sparsity, index):
     batches = particle_batches(
         data.x_train, data.y_train, args.particles, args.prune_batch_size, seed=(args.seed, index)
     )
-    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity, harness.sfpk_config(args),
-                                 desc=f"SFPK {sparsity:g}")
+    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity,
+                                 config=harness.sfpk_config(args),
+                                 execution=harness.execution(args), desc=f"SFPK {sparsity:g}")
     return result.masks, result.trace
 
 
@@ -143,8 +144,8 @@ def main(argv=None) -> int:
 
 def _run(args) -> int:
     try:
-        out = files.prepare_out_dir(args.out, overwrite=args.overwrite)
-    except (files.OutputExistsError, PermissionError) as err:
+        out = rundir.prepare_out_dir(args.out, overwrite=args.overwrite)
+    except (rundir.OutputExistsError, PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     progress.configure(args)
@@ -183,7 +184,7 @@ def _run(args) -> int:
             records.append({
                 "pruner": pruner,
                 "sparsity": sparsity,
-                "density": sfpk_jax.density(masks),
+                "achieved_sparsity": sfpk_jax.sparsity_of(masks),
                 "dense_acc": dense_acc,
                 "acc_pruned": acc_pruned,
                 "acc_retrained": evaluate(apply_fn, retrained, data.x_test, data.y_test),
@@ -201,9 +202,9 @@ def _run(args) -> int:
                      targets={f"{100 * s:g}% sparsity": 1.0 - s for s in args.sparsities})
     files.write_json(out / "results.json", records)
 
-    print(f"\n{'pruner':<10} {'sparsity':>8} {'density':>8} {'acc_pruned':>11} {'acc_retrained':>14}")
+    print(f"\n{'pruner':<10} {'sparsity':>8} {'achieved':>8} {'acc_pruned':>11} {'acc_retrained':>14}")
     for r in records:
-        print(f"{r['pruner']:<10} {r['sparsity']:>8.2f} {r['density']:>8.4f} "
+        print(f"{r['pruner']:<10} {r['sparsity']:>8.2f} {r['achieved_sparsity']:>8.4f} "
               f"{r['acc_pruned']:>11.4f} {r['acc_retrained']:>14.4f}")
     print(f"dense accuracy {dense_acc:.4f}; results in {out} "
           f"({time.perf_counter() - start:.0f}s in all)")

@@ -20,8 +20,9 @@ import argparse
 import time
 from pathlib import Path
 
-from sfpk_jax import density_report, harness
-from sfpk_jax.harness.flags import path_arg
+from experiments import harness
+from experiments.harness.flags import path_arg
+from sfpk_jax import sparsity_report
 from sfpk_jax.pruners import spec
 
 
@@ -121,7 +122,7 @@ def main(argv=None) -> int:
         "prune_seconds": prune_s,
         "retrain_seconds": finetune_s,
     }
-    print(density_report(pruned.masks, variables["params"]).table())
+    print(sparsity_report(pruned.masks, variables["params"]).table())
     title = harness.run_title(args, f"{args.pruner}, {harness.count(args.rounds, 'round')} to "
                                     f"{100 * args.sparsity:g}% sparsity, then "
                                     f"{harness.count(args.epochs, 'epoch')}")

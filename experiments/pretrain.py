@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from sfpk_jax import harness
+from experiments import harness
 
 
 def parse_args(argv=None):
@@ -40,7 +40,7 @@ def main(argv=None) -> int:
     train_s = time.perf_counter() - t0
     harness.save_checkpoint(args, out / "checkpoints" / "dense", variables)
     # The checkpoint is the last epoch's model, so dense_acc is final_acc.
-    results = {**harness.summarize(accs), "dense_acc": accs[-1], "density": 1.0,
+    results = {**harness.summarize(accs), "dense_acc": accs[-1], "achieved_sparsity": 0.0,
                "train_seconds": train_s, "checkpoint": str(out / "checkpoints" / "dense")}
     harness.write_outputs(out, results, run.metrics,
                           title=harness.run_title(args, "dense training, "

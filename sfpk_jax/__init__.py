@@ -1,83 +1,71 @@
 """sfpk-jax: SFPK pruning (interacting mask particles) for any JAX model.
 
-The public API, by layer (the README's "How the code is laid out" says where
-each idea lives):
+Prune with :func:`sfpk_prune` (or any pruner by name with :func:`prune`), then
+retrain in your own optax loop under :func:`keep_masked`::
 
-* masks: :class:`MaskLayout`, :func:`apply_masks`, :func:`density`,
-  :func:`count_prunable`, :func:`ones_like_masks`, :func:`masks_from_scores`;
-* SFPK: :class:`SFPKConfig`, :func:`sfpk_prune`, :func:`spode_prune` and
-  the pure step (:func:`initial_state`, :func:`sfpk_update`,
-  :func:`make_stepper`, :class:`SFPKState`, :class:`StepTrace`), a loss
-  with explicit batch-norm state (:class:`StatefulLoss`), results
-  (:class:`SFPKResult`) and checkpoints (:class:`CheckpointPolicy`);
-* pruners by name: :func:`prune`, :func:`register_pruner`,
-  :func:`magnitude_prune`;
+    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity=0.9)
+    tx = sfpk_jax.keep_masked(optax.adamw(1e-3), result.masks)
+
+The public API:
+
+* pruning: :func:`sfpk_prune` with :class:`SFPKConfig` (what is computed) and
+  :class:`Execution` (how it runs), :class:`CheckpointPolicy`,
+  :class:`StatefulLoss`; :func:`prune` and :func:`register_pruner` for every
+  pruner by name, :func:`magnitude_prune`; results :class:`SFPKResult` and
+  :class:`PruneResult` (both have ``.masks``);
+* masks: :func:`apply_masks`, :func:`sparsity_of`, :func:`sparsity_report`;
 * your own model and loop: :func:`split_nnx`, :func:`split_equinox` (Linen
   needs nothing), :func:`keep_masked` (masked training as an optax
-  transformation), :func:`density_report`, :func:`save_masked` and
-  :func:`load_masked` (safetensors).
+  transformation), :func:`save_masked` and :func:`load_masked`;
+* errors: :class:`ConfigError`, :class:`ResumeError`, :class:`WorkerError`.
+
+The pure step (``initial_state``, ``sfpk_update``, ``make_stepper``) is in
+:mod:`sfpk_jax.sfpk`; layouts and exact top-k in :mod:`sfpk_jax.core`; the
+pruner registry's details in :mod:`sfpk_jax.pruners`; datasets, the model
+zoo and training loops in :mod:`sfpk_jax.data`, :mod:`sfpk_jax.models` and
+:mod:`sfpk_jax.train`, loaded only when imported.
 """
 
-from sfpk_jax.core.masks import (
-    MaskLayout,
-    apply_masks,
-    count_prunable,
-    density,
-    ones_like_masks,
-)
-from sfpk_jax.core.topk import masks_from_scores
+from sfpk_jax.core.masks import apply_masks, sparsity_of
 from sfpk_jax.interop import split_equinox, split_nnx
-from sfpk_jax.pruners import (
-    PRUNERS,
-    PruneResult,
-    PrunerSpec,
-    magnitude_prune,
-    prune,
-    register_pruner,
+from sfpk_jax.parallel.worker_pool import WorkerError
+from sfpk_jax.pruners import PruneResult, magnitude_prune, prune, register_pruner
+from sfpk_jax.sfpk import (
+    CheckpointPolicy,
+    ConfigError,
+    Execution,
+    ResumeError,
+    SFPKConfig,
+    SFPKResult,
+    StatefulLoss,
+    sfpk_prune,
 )
-from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
-from sfpk_jax.sfpk.config import SFPKConfig, spode_config
-from sfpk_jax.sfpk.energy import StatefulLoss
-from sfpk_jax.sfpk.modes import make_stepper
-from sfpk_jax.sfpk.simulation import sfpk_prune, spode_prune
-from sfpk_jax.sfpk.state import SFPKResult, SFPKState, StepTrace, initial_state
-from sfpk_jax.sfpk.update import sfpk_update
 from sfpk_jax.tools.export import load_masked, save_masked
-from sfpk_jax.tools.report import density_report
+from sfpk_jax.tools.sparsity_report import sparsity_report
 from sfpk_jax.train.masked import keep_masked
 
 __all__ = [
     "CheckpointPolicy",
-    "MaskLayout",
-    "PRUNERS",
+    "ConfigError",
+    "Execution",
     "PruneResult",
-    "PrunerSpec",
     "ResumeError",
     "SFPKConfig",
     "SFPKResult",
-    "SFPKState",
     "StatefulLoss",
-    "StepTrace",
+    "WorkerError",
     "apply_masks",
-    "count_prunable",
-    "density",
-    "density_report",
-    "initial_state",
     "keep_masked",
     "load_masked",
     "magnitude_prune",
-    "make_stepper",
-    "masks_from_scores",
-    "ones_like_masks",
     "prune",
     "register_pruner",
     "save_masked",
     "sfpk_prune",
-    "sfpk_update",
+    "sparsity_of",
+    "sparsity_report",
     "split_equinox",
     "split_nnx",
-    "spode_config",
-    "spode_prune",
 ]
 
 __version__ = "0.1.0"

@@ -8,12 +8,13 @@ Numerics settings for the whole suite:
 * JAX's persistent compilation cache is on, in ``.cache/jax`` of the
   checkout (``SFPK_JAX_COMPILE_CACHE`` overrides it, ``=off`` turns it off).
 * ``jax_numpy_dtype_promotion="strict"`` (no implicit dtype promotion) for
-  the core test modules below; the model/training modules of the package rely
-  on implicit promotion inside Flax (e.g. ``float32`` / ``int32``), so the
-  rest of the suite keeps ``"standard"``.
+  the test modules marked ``strict_promotion`` (the math of the step); the
+  model/training modules of the package rely on implicit promotion inside
+  Flax (e.g. ``float32`` / ``int32``), so the rest of the suite keeps
+  ``"standard"``.
 
-The modules in ``SLOW_MODULES`` (subprocesses, end-to-end runs, long
-simulations) are marked ``slow``: ``pytest -m "not slow"`` is the quick run.
+Tests that start subprocesses, run experiments end to end or run long
+simulations carry the ``slow`` marker: ``pytest -m "not slow"`` is the quick run.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ import optax
 import pytest
 from hypothesis import HealthCheck, settings
 
-from sfpk_jax.harness import compile_cache  # noqa: E402
+from experiments.harness import compile_cache
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
@@ -53,64 +54,6 @@ if compile_cache.ENV not in os.environ or os.environ.get(_SUITE_CACHE) == "1":
     os.environ[_SUITE_CACHE] = "1"
 if compile_cache.default_dir() is not None:
     compile_cache.enable(compile_cache.default_dir())
-
-CORE_MODULES = {
-    "test_chex_properties",
-    "test_config",
-    "test_direction",
-    "test_masks",
-    "test_polarizers",
-    "test_repulsion",
-    "test_schedules",
-    "test_simulation",
-    "test_density",
-    "test_voting_thresholds",
-}
-
-# Test modules marked ``slow`` (``pytest -m "not slow"`` leaves them out; a
-# plain ``pytest`` runs everything). Marked here, by module name, rather than
-# in the modules themselves, so the list is in one place.
-SLOW_MODULES = {
-    # start subprocesses (JAX workers with other device counts or several
-    # processes, a Jupyter kernel, run-lock contenders)
-    "test_experiments",
-    "test_hostile_runs",
-    "test_io",
-    "test_multihost",
-    "test_multiprocess_runs",
-    "test_notebook",
-    "test_processes",  # worker processes of particle_mode="processes"
-    "test_resume",
-    "test_resume_experiments",
-    "test_resume_midepoch",
-    "test_data_workers",  # grain worker processes
-    "test_sharding",
-    # run experiments (or their command line), benchmarks or
-    # prune-and-retrain recipes end to end
-    "test_benchmarks",
-    "test_compare_pruners",
-    "test_demo",
-    "test_flops",  # test_structured_report_runs: the structured-pruning report script
-    "test_frameworks",
-    "test_readme_recipes",
-    "test_registry",
-    # over ~20 s in all on a 2-core CPU (many compiled simulations)
-    "test_baselines",
-    "test_model_zoo",
-    "test_simulation",
-    "test_structured",
-    "test_voting_thresholds",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    """Marks every test of a module in :data:`SLOW_MODULES` as ``slow``."""
-    del config
-    for item in items:
-        module = getattr(item, "module", None)
-        if module is not None and module.__name__.rpartition(".")[2] in SLOW_MODULES:
-            item.add_marker(pytest.mark.slow)
-
 
 # Hypothesis imports libcst lazily to print a patch for a failing example; that
 # import raises a DeprecationWarning (mypy_extensions.TypedDict) which, with
@@ -220,10 +163,12 @@ def _as_float64(tree):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _strict_dtype_promotion_for_the_core(request):
-    """Core modules run with jax_numpy_dtype_promotion="strict" (module-wide,
-    so module-scoped fixtures such as simulation runs are covered too)."""
-    if request.module.__name__.rpartition(".")[2] in CORE_MODULES:
+def _strict_dtype_promotion(request):
+    """Modules marked ``strict_promotion`` run with jax_numpy_dtype_promotion="strict"
+    (module-wide, so module-scoped fixtures such as simulation runs are covered too)."""
+    marks = getattr(request.module, "pytestmark", [])
+    marks = marks if isinstance(marks, list) else [marks]
+    if any(mark.name == "strict_promotion" for mark in marks):
         with jax.numpy_dtype_promotion("strict"):
             yield
     else:

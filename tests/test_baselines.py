@@ -12,10 +12,11 @@ import optax
 import pytest
 
 import sfpk_jax
-from sfpk_jax import masks_from_scores
 from sfpk_jax.core import topk
 from sfpk_jax.core.masks import MaskLayout, apply_masks
-from sfpk_jax.pruners import baselines
+from sfpk_jax.pruners import baselines, masks_from_scores
+
+pytestmark = pytest.mark.slow
 
 INPUT_KEY, LABEL_KEY = "x", "y"
 
@@ -195,7 +196,7 @@ def test_iterative_synflow_matches_a_hand_written_loop():
         np.testing.assert_array_equal(np.asarray(result.masks[a][b]), m)
     one_shot = sfpk_jax.prune("synflow", None, params, None, sparsity,
                               logits_fn=_two_layer_logits, input_shape=(5,))
-    assert sfpk_jax.density(one_shot.masks) == sfpk_jax.density(result.masks)
+    assert sfpk_jax.sparsity_of(one_shot.masks) == sfpk_jax.sparsity_of(result.masks)
 
 
 def test_synflow_reads_the_input_shape_from_the_batches(cnn):
@@ -330,7 +331,7 @@ def test_signed_and_tied_scores_give_exact_counts():
     layout = MaskLayout.from_params(params)
     scores = [-jnp.ones(5), jnp.concatenate([-jnp.ones((2, 5)), jnp.zeros((2, 5))])]
     for key in (None, jax.random.key(0)):
-        masks = masks_from_scores(layout, scores, 0.4, "global", key)
+        masks = masks_from_scores(layout, scores, 0.4, scope="global", key=key)
         kept = layout.gather(masks)
         assert int(_flat(kept).sum()) == 25 - 10
         assert np.all(np.asarray(kept[1])[2:] == 1.0)  # the zeros beat every -1

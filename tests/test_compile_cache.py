@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfpk_jax.harness import compile_cache
+from experiments.harness import compile_cache
 
 CACHE_HIT = "/jax/compilation_cache/cache_hits"
 

@@ -7,7 +7,10 @@ import math
 
 import pytest
 
-from sfpk_jax import SFPKConfig, spode_config
+from sfpk_jax import Execution, SFPKConfig
+from sfpk_jax.sfpk import spode
+
+pytestmark = pytest.mark.strict_promotion
 
 SPEC_DEFAULTS = dict(
     steps=100,
@@ -21,7 +24,7 @@ SPEC_DEFAULTS = dict(
     repulsion_weighted=True,
     vote_mode="soft",
     vote_ratio=1.0,
-    momentum=0.1,
+    vote_momentum=0.1,
     score="mp",
     scope="global",
 )
@@ -37,10 +40,9 @@ def test_defaults_are_the_specs():
 INVALID = [
     ("steps", 0), ("steps", -3), ("steps", 2.5), ("steps", True), ("steps", "10"),
     ("particles", 0), ("particles", 1.0), ("particles", None),
-    ("particle_chunk", 0), ("particle_chunk", False),
     ("repulsion", -0.1), ("repulsion", math.nan), ("repulsion", math.inf), ("repulsion", "0.2"),
     ("radius", 0.99), ("radius", -1.0), ("radius", math.nan), ("radius", True),
-    ("momentum", -0.5), ("momentum", math.inf),
+    ("vote_momentum", -0.5), ("vote_momentum", math.inf),
     ("vote_ratio", 0.0), ("vote_ratio", 1.01), ("vote_ratio", -1.0),
     ("polarizer_eps", 0.5), ("polarizer_eps", 1.0), ("polarizer_eps", 0.2),
     ("polarizer_ratio", 0.0), ("polarizer_ratio", 1.0),
@@ -51,7 +53,8 @@ INVALID = [
     ("vote_mode", "majority"),
     ("score", "p"),
     ("scope", "layer"),
-    ("particle_mode", "pmap"),
+    ("mask_dim", "channels"),
+    ("local_polarizer", "own"),
 ]
 
 
@@ -61,7 +64,7 @@ def test_invalid_values_name_the_field(field, value):
         SFPKConfig(**{field: value})
 
 
-BOOL_FIELDS = ["repulsion_weighted", "early_stop", "progress"]
+BOOL_FIELDS = ["repulsion_weighted", "early_stop"]
 
 
 @pytest.mark.parametrize("field", BOOL_FIELDS)
@@ -75,9 +78,8 @@ def test_non_bool_switches_are_rejected(field):
 @pytest.mark.parametrize(
     "changes",
     [
-        dict(radius=1.0), dict(repulsion=0.0), dict(momentum=0.0), dict(vote_ratio=1e-3),
+        dict(radius=1.0), dict(repulsion=0.0), dict(vote_momentum=0.0), dict(vote_ratio=1e-3),
         dict(polarizer_eps=0.99), dict(steps=1, particles=1), dict(radius=5), dict(repulsion=1),
-        dict(particle_mode="map", particle_chunk=3),
     ],
 )
 def test_edge_values_are_accepted(changes):
@@ -102,6 +104,14 @@ def test_frozen_and_replace_validates():
 
 
 def test_spode_config_is_one_particle_without_repulsion():
-    config = spode_config(steps=20)
+    config = spode(SFPKConfig(steps=20))
     assert (config.particles, config.repulsion, config.steps) == (1, 0.0, 20)
     assert config.radius == SPEC_DEFAULTS["radius"]
+
+
+def test_what_is_computed_and_how_it_runs_are_apart():
+    # A field in both would be fingerprinted and free to change on resume at once.
+    computed = {f.name for f in dataclasses.fields(SFPKConfig)}
+    executed = {f.name for f in dataclasses.fields(Execution)}
+    assert not computed & executed
+    assert {"particle_mode", "workers", "compute_dtype", "progress"} <= executed

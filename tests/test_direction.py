@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from sfpk_jax.core import direction as direction_lib
 
+pytestmark = pytest.mark.strict_promotion
+
 LAYOUTS = st.sampled_from([((3, 4),), ((2, 3, 1, 4), (5,), (4, 2)), ((7,), (3, 3, 2, 2), (6,))])
 
 

@@ -16,13 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from experiments import cifar100_oneshot, imagenet_iterative, pretrain
-from sfpk_jax import harness
-from sfpk_jax.storage import checkpoints, files
+from experiments import cifar100_oneshot, harness, imagenet_iterative, pretrain
+from experiments.harness import rundir
+from sfpk_jax.storage import checkpoint_files as checkpoints
+
+pytestmark = pytest.mark.slow
 
 FAST = ["--smoke", "--no-progress"]
 RESULT_KEYS = {"final_acc", "mean_last5_acc", "best_acc", "dense_acc", "acc_pruned", "pruner",
-               "sparsity", "density", "density_per_layer", "mask_digest", "prune_seconds",
+               "sparsity", "achieved_sparsity", "sparsity_per_layer", "mask_digest", "prune_seconds",
                "retrain_seconds"}
 
 
@@ -54,7 +56,7 @@ def test_pretrain_then_oneshot_on_digits(tmp_path):
     assert pretrain.main(["--out", str(dense_out), *FAST]) == 0
     ckpt = dense_out / "checkpoints" / "dense"
     dense = _results(dense_out)
-    assert ckpt.is_dir() and dense["density"] == 1.0
+    assert ckpt.is_dir() and dense["achieved_sparsity"] == 0.0
     assert dense["dense_acc"] == dense["final_acc"] == float(_metrics(dense_out)[-1]["test_acc"])
     out = tmp_path / "oneshot"
     assert cifar100_oneshot.main(["--dense-checkpoint", str(ckpt), "--sparsity", "0.9",
@@ -62,7 +64,7 @@ def test_pretrain_then_oneshot_on_digits(tmp_path):
     results = _results(out)
     assert RESULT_KEYS <= set(results)
     assert results["dense_acc"] == pytest.approx(dense["final_acc"])  # the same model, evaluated
-    assert results["density"] == pytest.approx(0.1, abs=1e-3)
+    assert results["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
     assert len(results["mask_digest"]) == 64
     rows = _metrics(out)
     assert [r["phase"] for r in rows] == ["retrain", "retrain"]
@@ -86,7 +88,7 @@ def test_oneshot_on_generated_cifar100_python_folder(tmp_path):
             "--out", str(out), *FAST]
     assert cifar100_oneshot.main(argv) == 0
     results = _results(out)
-    assert results["density"] == pytest.approx(0.05, abs=1e-3)
+    assert results["achieved_sparsity"] == pytest.approx(0.95, abs=1e-3)
     assert (out / "checkpoints" / "dense").is_dir() and (out / "checkpoints" / "pruned").is_dir()
     again = tmp_path / "again"
     assert cifar100_oneshot.main([*argv[:-len(FAST) - 2], "--out", str(again), *FAST]) == 0
@@ -101,7 +103,7 @@ def test_iterative_carries_particles_across_rounds(tmp_path):
     first, last = results["rounds"]
     assert first["sparsity"] == pytest.approx(1 - 0.1 ** 0.5)
     assert last["sparsity"] == pytest.approx(0.9)
-    assert results["density"] == pytest.approx(0.1, abs=1e-3)
+    assert results["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
 
 
 def test_iterative_accumulates_gradients(tmp_path):
@@ -109,7 +111,7 @@ def test_iterative_accumulates_gradients(tmp_path):
     assert imagenet_iterative.main(["--dataset", "digits", "--model", "small_cnn", "--pruner",
                                     "magnitude", "--pretrain-epochs", "1", "--accum-steps", "2",
                                     "--out", str(out), *FAST]) == 0
-    assert _results(out)["density"] == pytest.approx(0.1, abs=1e-3)
+    assert _results(out)["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
 
 
 def test_accumulation_must_divide_the_batch(tmp_path, capsys):
@@ -385,7 +387,7 @@ def test_structured_oneshot_prunes_channels(tmp_path):
                                   "--out", str(out), *FAST]) == 0
     results = _results(out)
     assert results["density_per_layer"]["Conv_1/kernel"] == pytest.approx(0.5)
-    assert 0.2 < results["density"] < 0.6
+    assert 0.4 < results["achieved_sparsity"] < 0.8
 
 
 def test_structured_needs_local_scope(tmp_path, capsys):
@@ -399,10 +401,10 @@ def test_a_second_process_on_the_same_out_is_refused(tmp_path, capsys):
     """E.g. a job submitted twice: the second must not write into the first's folder."""
     argv = [*DIGITS, *FAST, "--out", str(tmp_path / "o")]
     out = _config_only_run(tmp_path, argv)
-    files.release_locks()  # this process made the run; now another one holds it
+    rundir.release_locks()  # this process made the run; now another one holds it
     with subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from sfpk_jax.storage import files; "
-         "files.lock_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
+        [sys.executable, "-c", "import sys, time; from experiments.harness import rundir; "
+         "rundir.lock_dir(sys.argv[1]); print('locked', flush=True); time.sleep(60)", str(out)],
         cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
     ) as holder:
         try:

@@ -42,7 +42,7 @@ def test_dense_counts_match_hand_counts(model):
 
 def test_channel_masks_scale_the_counts(model):
     apply_fn, variables, x = model
-    masks = sfpk_jax.ones_like_masks(variables["params"], mask_dim="out")
+    masks = sfpk_jax.core.masks.ones_like_masks(variables["params"], mask_dim="out")
     drop_two = np.ones((1, 1, 1, 4), np.float32)
     drop_two[..., :2] = 0
     masks["Conv_0"]["kernel"] = jnp.asarray(drop_two)
@@ -62,6 +62,7 @@ def test_zoo_resnet20_flops_are_the_known_figure():
     assert 40.0e6 < summary(rows)["flops"] < 41.5e6
 
 
+@pytest.mark.slow  # runs the structured-pruning report script
 def test_structured_report_runs(tmp_path):
     import json
 

@@ -2,14 +2,15 @@
 
 * Import direction: a module of sub-package X imports only X itself and
   sub-packages of strictly lower rank (``core``, ``storage``, ``models``,
-  ``data`` < ``parallel`` < ``sfpk`` < ``pruners``, ``train`` < ``tools`` <
-  ``harness``); ``sfpk_jax/__init__.py``, the public API, may import anything.
+  ``data``, ``interop`` < ``parallel`` < ``sfpk`` < ``pruners``, ``train`` <
+  ``tools``); ``sfpk_jax/__init__.py``, the public API, may import anything.
   Imports inside functions count too: a lazy import is still a dependency.
+* The library is not the application: no module of ``sfpk_jax`` imports the
+  ``experiments`` or ``benchmarks`` packages, and none names a command-line
+  flag (``--resume``, ...) in its code or messages.
 * Size: no module is longer than :data:`MAX_LINES` lines.
 * Docstrings: every module has one, with a non-empty first line.
 * Every ``docs/*.md`` named in the package's source exists.
-* The test suite's own lists (``CORE_MODULES``, ``SLOW_MODULES`` in
-  ``tests/conftest.py``) name test modules that exist.
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ RANKS = {
     "pruners": 3,
     "train": 3,
     "tools": 4,
-    "harness": 5,
 }
+# The application's packages, beside the library.
+APPLICATION = ("experiments", "benchmarks")
 
 # What ``import sfpk_jax`` / ``from sfpk_jax import <public name>`` is reported as.
 API = "sfpk_jax (the public API)"
@@ -170,7 +172,7 @@ def test_every_module_has_a_docstring():
     [
         ("from sfpk_jax.sfpk.config import SFPKConfig\n", "core/x.py", {"sfpk"}),
         ("import sfpk_jax.tools.plots\n", "core/x.py", {"tools"}),
-        ("from sfpk_jax import harness\n", "core/x.py", {"harness"}),
+        ("from sfpk_jax import tools\n", "core/x.py", {"tools"}),
         ("def f():\n    from sfpk_jax.train import loop\n", "core/x.py", {"train"}),
         ("from ..pruners import registry\n", "core/x.py", {"pruners"}),
         ("from . import channels\n", "core/__init__.py", {"core"}),
@@ -191,7 +193,7 @@ def test_checker_flags_a_sideways_import(tmp_path):
     root = tmp_path / PACKAGE
     (root / "core").mkdir(parents=True)
     (root / "core" / "bad.py").write_text('"""Doc."""\nfrom sfpk_jax.data import load\n')
-    (root / "__init__.py").write_text('"""API."""\nfrom sfpk_jax.harness import runs\n')
+    (root / "__init__.py").write_text('"""API."""\nfrom sfpk_jax.tools import runs\n')
     assert layering_violations(root) == ["sfpk_jax.core.bad: imports data (rank 0 -> rank 0)"]
 
 
@@ -218,17 +220,32 @@ def test_docs_named_in_the_source_exist():
     assert not missing, "docs named but missing:\n" + "\n".join(missing)
 
 
-@pytest.mark.parametrize("name", ["CORE_MODULES", "SLOW_MODULES"])
-def test_conftest_module_lists_name_existing_test_modules(name):
-    # A renamed test module would silently drop out of strict promotion or
-    # into the quick run; read the sets from conftest's source.
-    tree = ast.parse((TESTS / "conftest.py").read_text())
-    values = [
-        node.value for node in tree.body
-        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == name for t in node.targets)
-    ]
-    assert len(values) == 1, f"conftest.py assigns {name} {len(values)} times"
-    listed = ast.literal_eval(values[0])
-    assert listed, f"{name} is empty"
-    missing = sorted(m for m in listed if not (TESTS / f"{m}.py").is_file())
-    assert not missing, f"{name} names test modules that do not exist: {missing}"
+def test_the_library_does_not_import_the_application():
+    found = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            found += [f"{_module_name(path)}: {n}" for n in names if n.split(".")[0] in APPLICATION]
+    assert not found, "the library imports the application:\n" + "\n".join(found)
+
+
+# A command-line flag in a string: "--resume", "--particle-mode"; XLA's own
+# flags (--xla_...) are program settings, not the user's command line.
+_FLAG = re.compile(r"(?<![\w-])--(?!xla_)[a-z][a-z0-9]*(-[a-z0-9]+)*\b")
+
+
+def test_the_library_names_no_command_line_flag():
+    found = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found += [f"{_module_name(path)}:{node.lineno}: {m.group(0)}"
+                          for m in _FLAG.finditer(node.value)]
+    assert not found, "flags named in the library:\n" + "\n".join(found)
+
+
+def test_the_flag_check_sees_flags_and_spares_xla_settings():
+    assert [m.group(0) for m in _FLAG.finditer("rerun with --resume or --particle-mode loop")] == [
+        "--resume", "--particle-mode"]
+    assert not list(_FLAG.finditer("--xla_cpu_multi_thread_eigen=false, x--y, -- z"))

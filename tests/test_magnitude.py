@@ -25,7 +25,7 @@ def _params(seed=0):
 def test_global_magnitude_keeps_largest_exactly(sparsity):
     params = _params()
     masks = sfpk_jax.magnitude_prune(params, sparsity)
-    layout = sfpk_jax.MaskLayout.from_params(params)
+    layout = sfpk_jax.core.masks.MaskLayout.from_params(params)
     values = np.concatenate([np.abs(np.ravel(t)) for t in layout.gather(params)])
     kept = np.concatenate([np.ravel(m) for m in layout.gather(masks)]).astype(bool)
     assert kept.sum() == layout.total - math.floor(sparsity * layout.total)
@@ -36,7 +36,7 @@ def test_global_magnitude_keeps_largest_exactly(sparsity):
 def test_local_magnitude_prunes_every_layer_alike():
     params = _params(1)
     masks = sfpk_jax.magnitude_prune(params, 0.75, scope="local")
-    layout = sfpk_jax.MaskLayout.from_params(params)
+    layout = sfpk_jax.core.masks.MaskLayout.from_params(params)
     for m, size in zip(layout.gather(masks), layout.sizes):
         assert int(m.sum()) == size - math.floor(0.75 * size)
 

@@ -1,4 +1,4 @@
-"""Mask trees: which leaves are prunable, applying masks, density, errors."""
+"""Mask trees: which leaves are prunable, applying masks, their sparsity, errors."""
 
 from __future__ import annotations
 
@@ -8,15 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfpk_jax import (
-    MaskLayout,
-    apply_masks,
-    count_prunable,
-    density,
-    ones_like_masks,
-    sfpk_prune,
-)
-from sfpk_jax.core.masks import path_to_str, select
+from sfpk_jax import apply_masks, sfpk_prune, sparsity_of
+from sfpk_jax.core.masks import MaskLayout, count_prunable, ones_like_masks, path_to_str, select
+
+pytestmark = pytest.mark.strict_promotion
 
 
 class Mixed(nn.Module):
@@ -131,30 +126,30 @@ def test_masks_not_mirroring_params_raise(mixed_params):
         layout.gather(broken)
 
 
-def test_density_counts_kept_entries(mixed_params):
+def test_sparsity_of_counts_removed_entries(mixed_params):
     masks = ones_like_masks(mixed_params)
-    assert density(masks) == 1.0
+    assert sparsity_of(masks) == 0.0
     layout = MaskLayout.from_params(mixed_params)
     leaves = layout.gather(masks)
     zeroed = [jnp.zeros_like(leaves[0])] + leaves[1:]
     half = layout.replace(masks, zeroed)
-    expected = 1.0 - layout.sizes[0] / layout.total
-    assert density(half) == pytest.approx(expected)
-    assert density(half, mixed_params) == pytest.approx(expected)
+    expected = layout.sizes[0] / layout.total
+    assert sparsity_of(half) == pytest.approx(expected)
+    assert sparsity_of(half, mixed_params) == pytest.approx(expected)
 
 
-def test_density_of_broadcast_channel_masks_needs_params():
+def test_sparsity_of_broadcast_channel_masks_needs_params():
     params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}
     masks = {"Conv_0": {"kernel": np.array([1.0, 0.0, 0.0, 1.0])}}  # one entry per output channel
-    assert density(masks) == 0.5
-    assert density(masks, params) == 0.5
+    assert sparsity_of(masks) == 0.5
+    assert sparsity_of(masks, params) == 0.5
     masks = {"Conv_0": {"kernel": np.array([1.0, 0.0, 0.0, 0.0])}}
-    assert density(masks, params) == 0.25
+    assert sparsity_of(masks, params) == 0.75
 
 
-def test_density_of_empty_tree_raises():
+def test_sparsity_of_empty_tree_raises():
     with pytest.raises(ValueError, match="empty"):
-        density({"a": None})
+        sparsity_of({"a": None})
 
 
 def test_layout_round_trip(mixed_params):

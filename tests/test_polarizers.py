@@ -17,6 +17,8 @@ from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.core.polarizers import polarize
 from sfpk_jax.sfpk.energy import make_energy_fn
 
+pytestmark = pytest.mark.strict_promotion
+
 SEEDS = st.integers(0, 2**31 - 1)
 
 

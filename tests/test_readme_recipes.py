@@ -11,6 +11,8 @@ import pytest
 import sfpk_jax
 from sfpk_jax.core.masks import MaskLayout
 
+pytestmark = pytest.mark.slow
+
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 
@@ -35,7 +37,7 @@ def test_recipe_prunes_to_the_target_and_retrains_with_zeros_kept(name, capsys):
     params = (namespace["params"] if name != "Flax NNX"
               else namespace["nnx"].state(namespace["model"], namespace["nnx"].Param))
     layout = MaskLayout.from_params(params)
-    assert sfpk_jax.density(masks, params) == (layout.total - int(0.9 * layout.total)) / layout.total
+    assert sfpk_jax.sparsity_of(masks, params) == int(0.9 * layout.total) / layout.total
     for path, p, m in zip(layout.paths, layout.gather(params), layout.gather(masks)):
         assert np.all(np.asarray(p)[np.asarray(m) == 0] == 0), path
     if name == "Flax NNX":  # trained in place: the same seed rebuilds the initial weights

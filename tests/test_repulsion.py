@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from sfpk_jax.core.repulsion import repulsion
 
+pytestmark = pytest.mark.strict_promotion
+
 LAYOUTS = st.sampled_from([((5, 3),), ((2, 2, 1, 3), (4,), (3, 2))])
 MODES = [("exp", True), ("exp", False), ("cos", True), ("cos", False)]
 

@@ -16,8 +16,10 @@ import jax
 import numpy as np
 import pytest
 
-from sfpk_jax import SFPKConfig, sfpk_prune
-from sfpk_jax.sfpk.checkpointing import CheckpointPolicy, ResumeError
+from sfpk_jax import Execution, SFPKConfig, sfpk_prune
+from sfpk_jax.sfpk.resume import CheckpointPolicy, ResumeError
+
+pytestmark = pytest.mark.slow
 
 N = 3
 STEPS = 20
@@ -25,7 +27,7 @@ EVERY = 3
 
 
 def _config(**changes):
-    return SFPKConfig(**{"steps": STEPS, "particles": N, "progress": False, "early_stop": False,
+    return SFPKConfig(**{"steps": STEPS, "particles": N, "early_stop": False,
                          **changes})
 
 
@@ -59,11 +61,11 @@ def _steps(directory: Path) -> list[int]:
 
 @pytest.fixture(scope="module")
 def reference(mlp):
-    return sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config())
+    return sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config())
 
 
 def test_checkpoints_every_k_steps_and_at_the_end(mlp, reference, tmp_path):
-    result = sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(),
+    result = sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(),
                         checkpoint=CheckpointPolicy(tmp_path, every=EVERY))
     _assert_same(result, reference)
     # The last two are kept: the final state and the last periodic one.
@@ -80,14 +82,14 @@ def _interrupt_at(mlp, stop_at: int, directory: Path) -> None:
             yield batch
 
     with pytest.raises(KeyboardInterrupt):
-        sfpk_prune(mlp.loss_fn, mlp.params, interrupted, 0.8, _config(),
+        sfpk_prune(mlp.loss_fn, mlp.params, interrupted, 0.8, config=_config(),
                    checkpoint=CheckpointPolicy(directory, every=EVERY))
 
 
 def test_resuming_an_interrupted_run_gives_the_uninterrupted_result(mlp, reference, tmp_path):
     _interrupt_at(mlp, 10, tmp_path)
     assert _steps(tmp_path)[-1] == 9
-    resumed = sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(),
+    resumed = sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(),
                          checkpoint=CheckpointPolicy(tmp_path, every=EVERY, resume=True))
     _assert_same(resumed, reference)
 
@@ -95,53 +97,53 @@ def test_resuming_an_interrupted_run_gives_the_uninterrupted_result(mlp, referen
 def test_a_plain_iterable_is_advanced_past_the_steps_done(mlp, reference, tmp_path):
     _interrupt_at(mlp, 7, tmp_path)
     assert _steps(tmp_path)[-1] == 6
-    resumed = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=1), 0.8, _config(),
+    resumed = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=1), 0.8, config=_config(),
                          checkpoint=CheckpointPolicy(tmp_path, every=EVERY, resume=True))
     _assert_same(resumed, reference)
 
 
 def test_resuming_a_finished_run_runs_no_step(mlp, reference, tmp_path):
-    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(),
+    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(),
                checkpoint=CheckpointPolicy(tmp_path, every=EVERY))
-    resumed = sfpk_prune(mlp.loss_fn, mlp.params, iter(()), 0.8, _config(),
+    resumed = sfpk_prune(mlp.loss_fn, mlp.params, iter(()), 0.8, config=_config(),
                          checkpoint=CheckpointPolicy(tmp_path, every=EVERY, resume=True))
     _assert_same(resumed, reference)
 
 
 def test_existing_checkpoints_are_never_silently_overwritten(mlp, tmp_path):
-    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(steps=3),
+    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(steps=3),
                checkpoint=CheckpointPolicy(tmp_path, every=EVERY))
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
-    with pytest.raises(ResumeError, match=r"already holds SFPK checkpoints \(up to step 3\).*--resume"):
-        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(steps=3),
+    with pytest.raises(ResumeError, match=r"already holds SFPK checkpoints \(up to step 3\).*resume=True"):
+        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(steps=3),
                    checkpoint=CheckpointPolicy(tmp_path, every=EVERY))
     assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before
 
 
 def test_a_checkpoint_of_a_different_run_says_what_differs(mlp, tmp_path):
-    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(steps=3),
+    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(steps=3),
                checkpoint=CheckpointPolicy(tmp_path, every=EVERY))
     resume = CheckpointPolicy(tmp_path, every=EVERY, resume=True)
     with pytest.raises(ResumeError, match=r"config.radius: checkpoint 1.1, now 1.2.*sparsity: checkpoint 0.8, now 0.7"):
-        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.7, _config(steps=3, radius=1.2),
+        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.7, config=_config(steps=3, radius=1.2),
                    checkpoint=resume)
     other = jax.tree.map(lambda p: p * 2, mlp.params)
     with pytest.raises(ResumeError, match="weights_sha256"):
-        sfpk_prune(mlp.loss_fn, other, _batches(mlp), 0.8, _config(steps=3), checkpoint=resume)
+        sfpk_prune(mlp.loss_fn, other, _batches(mlp), 0.8, config=_config(steps=3), checkpoint=resume)
     # How the work is scheduled is not part of the run's identity.
-    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(steps=3, particle_mode="vmap"),
-               checkpoint=resume)
+    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(steps=3),
+               execution=Execution(particle_mode="vmap"), checkpoint=resume)
 
 
 def test_a_damaged_checkpoint_is_reported(mlp, tmp_path):
-    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(steps=3),
+    sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(steps=3),
                checkpoint=CheckpointPolicy(tmp_path, every=EVERY))
     state_dir = tmp_path / "3" / "state"
     for f in state_dir.rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ResumeError, match=r"3 is (truncated|damaged|unreadable).*--overwrite"):
-        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(steps=3),
+    with pytest.raises(ResumeError, match=r"3 is (truncated|damaged|unreadable).*remove the folder"):
+        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(steps=3),
                    checkpoint=CheckpointPolicy(tmp_path, every=EVERY, resume=True))
 
 
@@ -155,19 +157,19 @@ def test_policy_validation(tmp_path):
 def test_a_nan_stops_the_run_naming_step_and_particle_and_keeps_the_last_good_state(mlp, reference, tmp_path):
     policy = CheckpointPolicy(tmp_path, every=100)
     with pytest.raises(FloatingPointError, match=r"step 7: .*particle 1: energy.*smaller radius.*more steps") as err:
-        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp, poison=(7, 1)), 0.8, _config(),
+        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp, poison=(7, 1)), 0.8, config=_config(),
                    checkpoint=policy)
     assert "particle 0" not in str(err.value) and str(tmp_path) in str(err.value)
     assert _steps(tmp_path) == [7]
     # The checkpoint holds the state before the faulty step: resuming on good data is exact.
-    resumed = sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, _config(),
+    resumed = sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp), 0.8, config=_config(),
                          checkpoint=CheckpointPolicy(tmp_path, every=100, resume=True))
     _assert_same(resumed, reference)
 
 
 def test_a_nan_without_checkpointing_still_names_the_step(mlp):
     with pytest.raises(FloatingPointError, match=r"step 2: .*particle 0: energy, energy gradient, direction"):
-        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp, poison=(2, 0)), 0.8, _config())
+        sfpk_prune(mlp.loss_fn, mlp.params, _batches(mlp, poison=(2, 0)), 0.8, config=_config())
 
 
 _WORKER = textwrap.dedent("""
@@ -176,7 +178,7 @@ _WORKER = textwrap.dedent("""
     import numpy as np, jax
     from conftest import TinyMLP, TinyModel, FEATURES
     from sfpk_jax import SFPKConfig, sfpk_prune
-    from sfpk_jax.sfpk.checkpointing import CheckpointPolicy
+    from sfpk_jax.sfpk.resume import CheckpointPolicy
 
     mode, ckpt, out = sys.argv[1:4]
     mlp = TinyModel("mlp", TinyMLP(), (FEATURES,))
@@ -188,9 +190,9 @@ _WORKER = textwrap.dedent("""
                     time.sleep(0.15)  # leaves time to kill the run at a random step
                 yield batch
 
-    config = SFPKConfig(steps={steps}, particles={n}, progress=False, early_stop=False)
+    config = SFPKConfig(steps={steps}, particles={n}, early_stop=False)
     policy = None if mode == "plain" else CheckpointPolicy(ckpt, every={every}, resume=mode == "resume")
-    result = sfpk_prune(mlp.loss_fn, mlp.params, batches, 0.8, config, checkpoint=policy)
+    result = sfpk_prune(mlp.loss_fn, mlp.params, batches, 0.8, config=config, checkpoint=policy)
     arrays = {{f"{{k}}_{{i}}": np.asarray(x) for k in ("masks", "scores", "particles")
               for i, x in enumerate(jax.tree.leaves(getattr(result, k)))}}
     arrays.update({{f"trace_{{k}}": v for k, v in result.trace.items()}})

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 
 from sfpk_jax.core import schedules
 
+pytestmark = pytest.mark.strict_promotion
+
 TARGET = st.floats(0.01, 0.9)
 STEPS = st.integers(1, 200)
 

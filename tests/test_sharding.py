@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 from jax.sharding import AxisType, Mesh
 
-from sfpk_jax import sfpk_prune
+from sfpk_jax import Execution, sfpk_prune
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.models import make_apply_fn
 from sfpk_jax.parallel import sharding
@@ -38,9 +38,11 @@ from sfpk_jax.sfpk import modes
 from sfpk_jax.sfpk.config import SFPKConfig
 from sfpk_jax.train import sgd_cosine, train_epoch
 
+pytestmark = pytest.mark.slow
+
 DEVICES = 8
 N = 8  # particles
-E2E = dict(steps=6, particles=N, progress=False)
+E2E = dict(steps=6, particles=N)
 ENERGY_TOL = dict(rtol=1e-5, atol=1e-6)
 ROOT = str(Path(__file__).resolve().parents[1])
 
@@ -149,7 +151,7 @@ def _worker(inputs: str, out: str) -> None:
 
     cnn = models["cnn"]
     result = sfpk_prune(cnn.loss_fn, cnn.params, cnn.particle_batches(N, seed=3), 0.8,
-                        SFPKConfig(particle_mode="shard", **E2E))
+                        config=SFPKConfig(**E2E), execution=Execution(particle_mode="shard"))
     arrays.update(_flat("e2e/masks", result.masks))
     arrays.update(_flat("e2e/scores", result.scores))
     info["default_mesh/10"] = dict(default_mesh(10).shape)
@@ -162,7 +164,7 @@ def _worker(inputs: str, out: str) -> None:
         "--out", str(run), "--smoke", "--dataset", "digits", "--model", "small_cnn",
         "--pretrain-epochs", "1", "--epochs", "1", "--particles", "4", "--particle-mode", "shard",
         "--mesh-batch", "2", "--data-parallel", "--no-progress"])
-    info["oneshot/density"] = json.loads((run / "results.json").read_text())["density"]
+    info["oneshot/sparsity"] = json.loads((run / "results.json").read_text())["achieved_sparsity"]
     np.savez(out + ".npz", **arrays)
     Path(out + ".json").write_text(json.dumps(info))
 
@@ -258,7 +260,7 @@ def test_shard_mode_prunes_like_the_loop(eight, cnn):
     assert info["default_mesh/10"] == {"particles": 5, "batch": 1}
     assert info["default_mesh/6x2"] == {"particles": 3, "batch": 2}
     result = sfpk_prune(cnn.loss_fn, cnn.params, cnn.particle_batches(N, seed=3), 0.8,
-                        SFPKConfig(particle_mode="loop", **E2E))
+                        config=SFPKConfig(**E2E), execution=Execution(particle_mode="loop"))
     for i, mask in enumerate(jax.tree.leaves(result.masks)):
         np.testing.assert_array_equal(arrays[f"e2e/masks/{i}"], mask, err_msg=f"mask {i}")
     for i, score in enumerate(jax.tree.leaves(result.scores)):
@@ -314,13 +316,12 @@ if __name__ == "__main__":
 
 def test_a_mesh_needs_shard_mode_and_a_fitting_particle_count(mlp):
     mesh = sharding.particle_mesh(jax.devices()[:1])
-    with pytest.raises(ValueError, match="mesh= is used by particle_mode='shard', not 'loop'"):
-        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), 0.8,
-                   SFPKConfig(particle_mode="loop", **E2E), mesh=mesh)
+    with pytest.raises(ValueError, match="None unless particle_mode='shard'"):
+        Execution(particle_mode="loop", mesh=mesh)
     result = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=3), 0.8,
-                        SFPKConfig(particle_mode="shard", **E2E), mesh=mesh)
+                        config=SFPKConfig(**E2E), execution=Execution("shard", mesh=mesh))
     loop = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=3), 0.8,
-                      SFPKConfig(particle_mode="loop", **E2E))
+                      config=SFPKConfig(**E2E), execution=Execution(particle_mode="loop"))
     for a, b in zip(jax.tree.leaves(result.masks), jax.tree.leaves(loop.masks)):
         np.testing.assert_array_equal(a, b)
 
@@ -328,4 +329,4 @@ def test_a_mesh_needs_shard_mode_and_a_fitting_particle_count(mlp):
 def test_experiments_run_sharded_and_data_parallel(eight):
     _, info = eight
     assert info["oneshot/exit"] == 0
-    assert info["oneshot/density"] == pytest.approx(0.05, abs=2e-3)
+    assert info["oneshot/sparsity"] == pytest.approx(0.95, abs=2e-3)

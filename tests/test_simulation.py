@@ -10,25 +10,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sfpk_jax import (
-    MaskLayout,
-    SFPKConfig,
-    SFPKResult,
-    SFPKState,
-    make_stepper,
-    sfpk_prune,
-    sfpk_update,
-    spode_prune,
-)
+from sfpk_jax import Execution, SFPKConfig, SFPKResult, sfpk_prune
 from sfpk_jax.core import schedules
-from sfpk_jax.core.masks import path_to_str
+from sfpk_jax.core.masks import MaskLayout, path_to_str
+from sfpk_jax.sfpk import SFPKState, make_stepper, sfpk_update, spode_prune
+
+pytestmark = [pytest.mark.slow, pytest.mark.strict_promotion]
 
 N = 3
 STEPS = 6
 
 
 def _config(**changes):
-    return SFPKConfig(**{"steps": STEPS, "particles": N, "progress": False, **changes})
+    return SFPKConfig(**{"steps": STEPS, "particles": N, **changes})
 
 
 class CountingLoss:
@@ -78,7 +72,7 @@ def base(mlp):
     batches = mlp.batches_list(N, STEPS, seed=0)
     loss = CountingLoss(mlp.loss_fn)
     counted, seen = _counting_batches(batches, loss)
-    result = sfpk_prune(loss, mlp.params, counted, 0.5, _config())
+    result = sfpk_prune(loss, mlp.params, counted, 0.5, config=_config())
     return dict(result=_host_copy(result), batches=batches, traces=seen + [loss.traces])
 
 
@@ -95,12 +89,12 @@ def test_result_structure_and_trace_shapes(mlp, base):
         assert set(np.unique(np.asarray(m))) <= {0.0, 1.0}
     for p, s in zip(layout.gather(result.particles), layout.shapes):
         assert p.shape == (N,) + s
-    assert set(result.trace) == {"density", "energy", "repulsion", "dt"}
+    assert set(result.trace) == {"G", "E", "K", "dt"}
     for name, values in result.trace.items():
         assert isinstance(values, np.ndarray), name
         assert values.shape == (STEPS, N), name
         assert np.all(np.isfinite(values)), name
-    density = result.trace["density"]
+    density = result.trace["G"]
     np.testing.assert_allclose(density[0], 1.0, rtol=1e-6)
     assert np.all(np.diff(density, axis=0) < 0)  # G falls every step
     assert np.all(result.trace["dt"] > 0)
@@ -120,17 +114,17 @@ def test_distinct_batches_make_particles_diverge(base):
 
 def test_identical_batches_without_repulsion_keep_particles_identical(mlp):
     shared = mlp.particle_batches(N, seed=0, shared=True)
-    result = sfpk_prune(mlp.loss_fn, mlp.params, shared, 0.5, _config(repulsion=0.0, particle_mode="vmap"))
+    result = sfpk_prune(mlp.loss_fn, mlp.params, shared, 0.5, config=_config(repulsion=0.0), execution=Execution(particle_mode="vmap"))
     for p in _leaves(result.particles):
         p = np.asarray(p)
         assert np.array_equal(p, np.broadcast_to(p[:1], p.shape))
     # ... and they did move.
-    assert np.all(result.trace["density"][-1] < 0.9)
-    assert np.all(result.trace["energy"] == result.trace["energy"][:, :1])
+    assert np.all(result.trace["G"][-1] < 0.9)
+    assert np.all(result.trace["E"] == result.trace["E"][:, :1])
 
 
 def test_same_batches_give_bit_identical_results(mlp, base):
-    again = sfpk_prune(mlp.loss_fn, mlp.params, iter(base["batches"]), 0.5, _config())
+    again = sfpk_prune(mlp.loss_fn, mlp.params, iter(base["batches"]), 0.5, config=_config())
     first = base["result"]
     for a, b in zip(_leaves(first.particles) + _leaves(first.scores) + _leaves(first.masks),
                     _leaves(again.particles) + _leaves(again.scores) + _leaves(again.masks)):
@@ -148,7 +142,7 @@ def test_step_is_traced_once_for_the_whole_run(base):
 def test_fused_step_is_traced_once(mlp, mode):
     loss = CountingLoss(mlp.loss_fn)
     batches, seen = _counting_batches(mlp.batches_list(N, 8, seed=1), loss)
-    sfpk_prune(loss, mlp.params, batches, 0.5, _config(particle_mode=mode, particle_chunk=2, steps=8))
+    sfpk_prune(loss, mlp.params, batches, 0.5, config=_config(steps=8), execution=Execution(particle_mode=mode, particle_chunk=2))
     # The first step compiles (map with a remainder chunk traces the energy
     # twice in that one compile); no later step traces again.
     assert seen[0] == 0 and seen[1] >= 1
@@ -165,13 +159,13 @@ def test_init_continues_from_an_earlier_result(mlp, base):
     assert start < 0.9
     target = 1.0 - 0.8
     result = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=5), 0.8,
-                        _config(), init=_host_copy(first))
-    np.testing.assert_allclose(result.trace["density"][0], g, rtol=1e-5)
+                        config=_config(), init=_host_copy(first))
+    np.testing.assert_allclose(result.trace["G"][0], g, rtol=1e-5)
     ratio = start / target
     dt0 = target * (ratio - ratio ** (1.0 - 1.0 / STEPS))
     np.testing.assert_allclose(result.trace["dt"][0], dt0, rtol=1e-4)
     assert sum(_kept_counts(result, layout)) == layout.total - math.floor(0.8 * layout.total)
-    assert result.trace["density"][-1].mean() < start
+    assert result.trace["G"][-1].mean() < start
 
 
 def test_init_result_is_left_intact(mlp, base):
@@ -179,7 +173,7 @@ def test_init_result_is_left_intact(mlp, base):
     # compare); continuing from it must not consume its buffers.
     first = jax.tree.map(jnp.asarray, base["result"])
     sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=5), 0.8,
-               _config(steps=2, particle_mode="vmap"), init=first)
+               config=_config(steps=2), execution=Execution(particle_mode="vmap"), init=first)
     for a, b in zip(_leaves(first.particles) + _leaves(first.scores),
                     _leaves(base["result"].particles) + _leaves(base["result"].scores)):
         np.testing.assert_array_equal(np.asarray(a), b)
@@ -188,12 +182,12 @@ def test_init_result_is_left_intact(mlp, base):
 def test_init_with_the_wrong_particle_count_raises(mlp, base):
     with pytest.raises(ValueError, match=r"init particles .* expected"):
         sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N + 1), 0.8,
-                   _config(particles=N + 1), init=base["result"])
+                   config=_config(particles=N + 1), init=base["result"])
 
 
 def test_init_already_at_the_target_raises(mlp, base):
     with pytest.raises(ValueError, match="already at or below the target"):
-        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), 0.05, _config(), init=base["result"])
+        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), 0.05, config=_config(), init=base["result"])
 
 
 # ------------------------------------------------------------ other configs
@@ -207,7 +201,7 @@ def test_final_mask_count_is_exact_on_the_cnn(cnn, scope):
     theta = [jnp.where(rng.random(t.shape) < 0.1, 0.0, t) for t in layout.gather(cnn.params)]
     params = layout.replace(cnn.params, theta)
     result = sfpk_prune(cnn.loss_fn, params, cnn.particle_batches(N, seed=2), 0.7,
-                        _config(scope=scope, steps=5, particle_mode="vmap"))
+                        config=_config(scope=scope, steps=5), execution=Execution(particle_mode="vmap"))
     kept = _kept_counts(result, layout)
     if scope == "global":
         assert sum(kept) == layout.total - math.floor(0.7 * layout.total)
@@ -215,16 +209,16 @@ def test_final_mask_count_is_exact_on_the_cnn(cnn, scope):
         assert kept == [d - math.floor(0.7 * d) for d in layout.sizes]
     for m, t in zip(layout.gather(result.masks), theta):
         assert np.all(np.asarray(m)[np.asarray(t) == 0] == 0)
-    assert result.trace["density"].shape == (5, N)
+    assert result.trace["G"].shape == (5, N)
 
 
 def test_spode_runs_with_one_particle(mlp):
     result = spode_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(1, seed=3), 0.6,
-                         SFPKConfig(steps=5, progress=False))
+                         config=SFPKConfig(steps=5))
     layout = MaskLayout.from_params(mlp.params)
     for name, values in result.trace.items():
         assert values.shape == (5, 1), name
-    np.testing.assert_allclose(result.trace["repulsion"], 1.0)  # a lone particle
+    np.testing.assert_allclose(result.trace["K"], 1.0)  # a lone particle
     assert all(p.shape[0] == 1 for p in layout.gather(result.particles))
     assert sum(_kept_counts(result, layout)) == layout.total - math.floor(0.6 * layout.total)
 
@@ -236,8 +230,8 @@ def test_early_stop_when_mean_g_reaches_the_target(mlp, monkeypatch):
     monkeypatch.setattr(schedules, "step_size", lambda *a, **k: 2.0 * real(*a, **k))
     steps = 10
     result = sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N, seed=4), 0.5,
-                        _config(steps=steps, particle_mode="vmap"))
-    mean_g = result.trace["density"].mean(axis=1)
+                        config=_config(steps=steps), execution=Execution(particle_mode="vmap"))
+    mean_g = result.trace["G"].mean(axis=1)
     run = len(mean_g)
     assert 1 < run < steps
     assert mean_g[-1] <= 0.5 and np.all(mean_g[:-1] > 0.5)
@@ -259,7 +253,8 @@ def test_particle_modes_agree_on_one_step(request, model_name):
     batch = next(model.particle_batches(4, seed=6))
     outs = {}
     for mode in ("loop", "vmap", "map"):
-        stepper = make_stepper(model.loss_fn, layout, _config(particles=4, particle_mode=mode, particle_chunk=3), 0.3)
+        stepper = make_stepper(model.loss_fn, layout, _config(particles=4), 0.3,
+                               Execution(particle_mode=mode, particle_chunk=3))
         outs[mode] = jax.device_get(stepper.energies(model.params, particles, batch))
     energy, grads = outs["loop"]
     assert energy.shape == (4,)
@@ -277,7 +272,7 @@ def test_particle_modes_agree_over_a_float64_run(mlp, as_float64):
         batches = mlp.batches_list(N, 8, seed=7, dtype=np.float64)
         results = {
             mode: sfpk_prune(mlp.loss_fn, params, iter(batches), 0.6,
-                             _config(steps=8, particle_mode=mode, particle_chunk=2))
+                             config=_config(steps=8), execution=Execution(particle_mode=mode, particle_chunk=2))
             for mode in ("loop", "vmap", "map")
         }
     ref = results["loop"]
@@ -316,7 +311,7 @@ def test_update_jit_matches_no_jit():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     new_state, trace = jitted
     assert int(new_state.step) == 3
-    np.testing.assert_array_equal(trace.energy, np.asarray(energy))
+    np.testing.assert_array_equal(trace.E, np.asarray(energy))
     for field in trace:
         assert np.shape(field) == (n,)
 
@@ -337,7 +332,7 @@ def test_update_moves_g_by_dt_and_records_g_before():
         state, jnp.zeros((n,)), grads, theta
     )
     g_after = sum(np.asarray(p).reshape(n, -1).sum(1) for p in new.particles) / total
-    np.testing.assert_allclose(trace.density, g_before, rtol=1e-5)
+    np.testing.assert_allclose(trace.G, g_before, rtol=1e-5)
     np.testing.assert_allclose(g_before - g_after, trace.dt, rtol=1e-3)
     ratio = g_before.mean() / 0.2
     np.testing.assert_allclose(trace.dt, 0.2 * (ratio - ratio ** (1 - 1 / STEPS)), rtol=1e-4)
@@ -349,37 +344,37 @@ def test_update_moves_g_by_dt_and_records_g_before():
 @pytest.mark.parametrize("sparsity", [0, 1, 1.5, -0.1, 0.0, 1.0])
 def test_sparsity_outside_the_open_interval_raises(mlp, sparsity):
     with pytest.raises(ValueError, match="sparsity"):
-        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), sparsity, _config())
+        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), sparsity, config=_config())
 
 
 @pytest.mark.parametrize("sparsity", ["a", None, True])
 def test_sparsity_that_is_not_a_number_raises(mlp, sparsity):
     with pytest.raises(TypeError, match="sparsity"):
-        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), sparsity, _config())
+        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), sparsity, config=_config())
 
 
 def test_batch_leading_axis_must_be_the_particle_count(mlp):
     batches = mlp.particle_batches(N + 1)
     with pytest.raises(ValueError, match=r"step 0: batch leaf x .*n=3"):
-        sfpk_prune(mlp.loss_fn, mlp.params, batches, 0.5, _config())
+        sfpk_prune(mlp.loss_fn, mlp.params, batches, 0.5, config=_config())
 
 
 def test_batches_running_out_name_the_step(mlp):
     batches = mlp.batches_list(N, 2, seed=8)
     with pytest.raises(ValueError, match="ran out at step 2 of 6"):
-        sfpk_prune(mlp.loss_fn, mlp.params, iter(batches), 0.5, _config(particle_mode="vmap"))
+        sfpk_prune(mlp.loss_fn, mlp.params, iter(batches), 0.5, config=_config(), execution=Execution(particle_mode="vmap"))
 
 
 def test_nan_in_params_names_the_leaf(mlp):
     params = jax.tree.map(lambda x: x, mlp.params)
     params["Dense_1"]["kernel"] = params["Dense_1"]["kernel"].at[0, 0].set(jnp.nan)
     with pytest.raises(ValueError, match="Dense_1/kernel"):
-        sfpk_prune(mlp.loss_fn, params, mlp.particle_batches(N), 0.5, _config())
+        sfpk_prune(mlp.loss_fn, params, mlp.particle_batches(N), 0.5, config=_config())
 
 
 def test_config_must_be_an_sfpk_config(mlp):
     with pytest.raises(TypeError, match="SFPKConfig"):
-        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), 0.5, {"steps": 3})
+        sfpk_prune(mlp.loss_fn, mlp.params, mlp.particle_batches(N), 0.5, config={"steps": 3})
 
 
 def test_paths_in_layout_are_readable(mlp):
@@ -398,7 +393,7 @@ def test_bfloat16_passes_give_the_float32_masks_within_tolerance(model, request)
     with jax.numpy_dtype_promotion(promotion):
         results = {
             dtype: sfpk_prune(m.loss_fn, m.params, m.particle_batches(4, size=32, seed=1), 0.8,
-                              _config(steps=20, particles=4, compute_dtype=dtype))
+                              config=_config(steps=20, particles=4), execution=Execution(compute_dtype=dtype))
             for dtype in ("float32", "bfloat16")
         }
     full, half = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(r.masks)])
@@ -408,4 +403,4 @@ def test_bfloat16_passes_give_the_float32_masks_within_tolerance(model, request)
     assert (full * half).sum() >= 0.95 * full.sum()
     for r in results.values():
         assert all(x.dtype == np.float32 for x in jax.tree.leaves(r.particles))
-        assert r.trace["energy"].dtype == np.float32
+        assert r.trace["E"].dtype == np.float32

@@ -13,11 +13,14 @@ For unstructured masks every one of these reduces to the entry itself.
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
 
-MASK_DIMS = ("out", "in")
+# A channel mask removes whole output or whole input channels.
+MaskDim = Literal["out", "in"]
+MASK_DIMS: tuple[str, ...] = get_args(MaskDim)
 
 
 # (output axis, input axis) of a weight, by the name frameworks give it.

@@ -154,7 +154,7 @@ class MaskLayout:
 
     @classmethod
     def from_params(
-        cls, params: PyTree, prunable: Prunable = None, mask_dim: str | None = None
+        cls, params: PyTree, prunable: Prunable = None, mask_dim: channels.MaskDim | None = None
     ) -> "MaskLayout":
         """The layout of ``params``.
 
@@ -290,8 +290,11 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
         ) from None
 
 
-def density(masks: PyTree, params: PyTree | None = None) -> float:
-    """Fraction of prunable entries that are kept (non-zero in the mask).
+def sparsity_of(masks: PyTree, params: PyTree | None = None) -> float:
+    """The fraction of prunable entries that the masks remove (0.95: 5% kept).
+
+    The same quantity as the ``sparsity`` a pruner is asked for, so
+    ``sparsity_of(prune(..., sparsity=0.95).masks) == 0.95`` up to rounding.
 
     Args:
       masks: a mask tree (``None`` at non-prunable leaves).
@@ -299,18 +302,18 @@ def density(masks: PyTree, params: PyTree | None = None) -> float:
         (channel masks): each mask entry then counts for the entries it covers.
 
     Returns:
-      kept / total over all masked parameters, as a Python float.
+      removed / total over all masked parameters, as a Python float.
     """
     for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
         values = np.asarray(m)
         other = values[(values != 0) & (values != 1)]
         if other.size:
             raise ValueError(
-                f"density takes 0/1 masks, but leaf {path_to_str(path) or '<root>'} holds "
+                f"sparsity_of takes 0/1 masks, but leaf {path_to_str(path) or '<root>'} holds "
                 f"{float(other.flat[0])!r}: pass the masks (e.g. result.masks), not params or scores")
     if params is None:
         leaves = [m for m in jax.tree_util.tree_leaves(masks) if m is not None]
-        kept = sum(float(np.count_nonzero(np.asarray(m))) for m in leaves)
+        kept = sum(int(np.count_nonzero(np.asarray(m))) for m in leaves)
         total = sum(int(np.size(m)) for m in leaves)
     else:
         pairs = jax.tree.map(
@@ -319,11 +322,11 @@ def density(masks: PyTree, params: PyTree | None = None) -> float:
         kept = total = 0
         for m, p in jax.tree_util.tree_leaves(pairs, is_leaf=lambda x: isinstance(x, tuple)):
             covered = np.broadcast_to(np.asarray(m) != 0, np.shape(p))
-            kept += float(np.count_nonzero(covered))
+            kept += int(np.count_nonzero(covered))
             total += int(np.size(p))
     if total == 0:
-        raise ValueError("density of an empty mask tree: no leaf holds a mask")
-    return kept / total
+        raise ValueError("sparsity_of an empty mask tree: no leaf holds a mask")
+    return (total - kept) / total
 
 
 def count_prunable(params: PyTree, prunable: Prunable = None) -> int:
@@ -331,7 +334,8 @@ def count_prunable(params: PyTree, prunable: Prunable = None) -> int:
     return MaskLayout.from_params(params, prunable).total
 
 
-def ones_like_masks(params: PyTree, prunable: Prunable = None, mask_dim: str | None = None) -> PyTree:
+def ones_like_masks(params: PyTree, prunable: Prunable = None,
+                    mask_dim: channels.MaskDim | None = None) -> PyTree:
     """The dense mask (all ones) for the prunable leaves of ``params``."""
     layout = MaskLayout.from_params(params, prunable, mask_dim)
     return layout.scatter([jnp.ones(s, jnp.float32) for s in layout.mask_shapes])

@@ -22,8 +22,7 @@ import jax.numpy as jnp
 from jax.scipy.special import logit
 from jax.scipy.stats import norm
 
-from sfpk_jax.core import channels, topk
-from sfpk_jax.core import density as density_lib
+from sfpk_jax.core import channels, functional, topk
 
 EPS = 1e-12
 
@@ -58,11 +57,11 @@ def _density(mask, theta, kind: str, scope: str, at: str):
                          "('sum' only in local scope)")
     node = [channels.node_size(t.shape, m.shape) for m, t in zip(mask, theta)]
     if at == "scope":
-        g = density_lib.density(mask, kind, scope, node)
+        g = functional.g(mask, kind, scope, node)
     elif at == "global":
-        g = density_lib.global_density(mask, kind, node)
+        g = functional.global_g(mask, kind, node)
     else:
-        g = jnp.sum(density_lib.layer_density(mask, kind, node))
+        g = jnp.sum(functional.layer_g(mask, kind, node))
     if scope == "local":
         g = jnp.broadcast_to(g, (len(mask),))
     return jax.lax.stop_gradient(g)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +19,9 @@ import numpy as np
 from sfpk_jax.core import channels
 from sfpk_jax.core.masks import MaskLayout
 
-SCOPES = ("global", "local")
+# Where a top-k ranks: all prunable entries at once, or every layer on its own.
+Scope = Literal["global", "local"]
+SCOPES: tuple[str, ...] = get_args(Scope)
 
 PyTree = Any
 
@@ -193,8 +195,9 @@ def masks_from_scores(
     layout: MaskLayout,
     scores: Sequence[jax.Array],
     sparsity: float,
-    scope: str,
-    key: jax.Array | None,
+    *,
+    scope: Scope = "global",
+    key: jax.Array | None = None,
     alive: Sequence[jax.Array] | None = None,
 ) -> PyTree:
     """Exact-count 0/1 masks keeping the highest scores.

@@ -20,7 +20,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from PIL import Image
 
 Images = np.ndarray | Sequence[np.ndarray]
 
@@ -247,6 +246,8 @@ def imagenet_train(images: Images, rng: ExampleRandom, *, size: int = 224) -> np
     Returns:
       float32 ``(B, size, size, 3)``.
     """
+    from PIL import Image  # ImageNet's transforms alone need it
+
     out = []
     for index, image in enumerate(images):
         gen = rng.generator(index)
@@ -272,6 +273,8 @@ def imagenet_eval(
     Returns:
       float32 ``(B, size, size, 3)``.
     """
+    from PIL import Image
+
     del rng
     out = []
     for image in images:

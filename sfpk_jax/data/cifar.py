@@ -17,10 +17,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from sfpk_jax.data.checks import check_labels, check_not_empty, check_pixels
 from sfpk_jax.data.digits import Dataset
 from sfpk_jax.data.errors import DatasetNotFoundError, InvalidDatasetError
 from sfpk_jax.data.tfds_source import TfdsSource, open_tfds, tfds_prepare_command
+from sfpk_jax.data.validation import check_labels, check_not_empty, check_pixels
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100}
 IMAGE_SHAPE = (32, 32, 3)

@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from sklearn import datasets
-from sklearn.model_selection import train_test_split
 
 # Pixel intensities in the bundled data are integers in [0, 16].
 _MAX_INTENSITY = 16.0
@@ -48,6 +46,9 @@ def load_digits(seed: int = 0, test_fraction: float = 0.25) -> Dataset:
       [0, 1], then standardised with the train split's statistics) and int32
       labels in [0, 10).
     """
+    from sklearn import datasets  # on first use: scikit-learn takes a second to import
+    from sklearn.model_selection import train_test_split
+
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must lie in (0, 1), got {test_fraction}")
     bunch = datasets.load_digits()

@@ -12,20 +12,23 @@ augmented at once, every example with its own seeded draws), so step ``s`` is
 a pure function of ``(seed, s)``; iterating it goes through
 ``to_iter_dataset`` (reader threads, prefetch) and ``mp_prefetch`` (worker
 processes for decoding and augmentation), whose iterators carry a
-checkpointable state (``get_state``/``set_state``).
+checkpointable state (``get_state``/``set_state``). grain itself is imported by
+the functions that build or iterate a pipeline, so importing this module (and
+the package) does not load it.
 """
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
-import grain
 import numpy as np
-from absl import flags
 
 from sfpk_jax.data.augment import ExampleRandom, Transform
+
+if TYPE_CHECKING:
+    import grain
 
 Batch = dict[str, np.ndarray]
 
@@ -98,6 +101,8 @@ class _Batch:
         if self.shuffle_seed is None:
             examples = positions.tolist()
         else:
+            import grain
+
             seed = (self.shuffle_seed + epoch) % 2**32
             examples = [grain.experimental.index_shuffle(int(p), max_index=n - 1, seed=seed,
                                                          rounds=4) for p in positions]
@@ -119,6 +124,8 @@ def shard() -> tuple[int, int]:
       ``(jax.process_index(), jax.process_count())`` via
       ``grain.sharding.ShardByJaxProcess``.
     """
+    import grain
+
     options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
     return options.shard_index, options.shard_count
 
@@ -181,6 +188,8 @@ def batches(
                          "processes every process must see as many batches: pass drop_last=True")
     shuffle_seed, augment_seed = _seeds(seed)
     steps = steps_per_epoch(n, batch_size, drop_last)
+    import grain
+
     load = _Batch(source, transform, batch_size=batch_size, steps=steps,
                   shuffle_seed=shuffle_seed if shuffle else None, augment_seed=augment_seed,
                   shard_index=shard_index, shard_count=shard_count)
@@ -226,6 +235,9 @@ def iterate(dataset: grain.MapDataset, *, workers: int = 0, prefetch: int = 2) -
     Raises:
       ValueError: negative ``workers`` or ``prefetch``.
     """
+    import grain
+    from absl import flags
+
     _check_counts(workers, prefetch)
     read = grain.ReadOptions(num_threads=min(prefetch, 16), prefetch_buffer_size=prefetch)
     ds = dataset.to_iter_dataset(read)
@@ -381,6 +393,8 @@ def particle_loader(
         raise ValueError(f"n (the number of particles) must be at least 1, got {n}")
     if isinstance(start, bool) or not isinstance(start, int) or start < 0:
         raise ValueError(f"start must be a step index >= 0, got {start!r}")
+    import grain
+
     seeds = np.atleast_1d(np.asarray(seed, np.int64)).tolist()
     streams = [batches(source, batch_size, transform=transform, seed=(*seeds, i)) for i in range(n)]
     steps = grain.experimental.ZipMapDataset(streams).map(_stack)

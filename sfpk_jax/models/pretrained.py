@@ -24,8 +24,6 @@ from typing import NoReturn
 
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 from flax import traverse_util
 
 # Model name -> (convention shown in messages, torch prefix of the classifier).
@@ -76,6 +74,8 @@ def _torch_key(path: tuple[str, ...], leaf) -> tuple[str, tuple[int, ...], Calla
 
 
 def _read(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    import safetensors.numpy  # on first use
+
     try:
         return safetensors.numpy.load_file(os.fspath(path))
     except safetensors.SafetensorError as err:

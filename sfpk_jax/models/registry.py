@@ -11,12 +11,15 @@ Every registered model is built into ``(apply_fn, variables)``:
 
 Model families register a factory with :func:`register`; the factory takes
 ``num_classes`` and returns a ``flax.linen`` module whose ``__call__`` is
-``(x, train: bool) -> logits``.
+``(x, train: bool) -> logits``. The bundled families (:data:`ZOO`) register
+themselves when :func:`build` or :func:`registered` first needs them, so that
+importing the package does not build the zoo's modules.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +31,13 @@ ApplyFn = Callable[[dict, jax.Array, bool], tuple[jax.Array, dict]]
 Factory = Callable[[int], nn.Module]
 
 _REGISTRY: dict[str, tuple[Factory, tuple[int, ...]]] = {}
+# The modules of the bundled model families; each registers its models when imported.
+ZOO = ("cifar_resnet", "deit", "mobilenet", "resnet50", "small_cnn", "vgg")
+
+
+def _load_zoo() -> None:
+    for module in ZOO:
+        importlib.import_module(f"sfpk_jax.models.{module}")
 
 
 def register(name: str, *, input_shape: tuple[int, ...]) -> Callable[[Factory], Factory]:
@@ -53,6 +63,7 @@ def register(name: str, *, input_shape: tuple[int, ...]) -> Callable[[Factory], 
 
 def registered() -> tuple[str, ...]:
     """Names of the registered models, sorted."""
+    _load_zoo()
     return tuple(sorted(_REGISTRY))
 
 
@@ -99,6 +110,7 @@ def build(
       ``(apply_fn, variables)`` following the module docstring's contract;
       the variables do not depend on ``conv_chunk``.
     """
+    _load_zoo()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered())}")
     if isinstance(conv_chunk, bool) or not isinstance(conv_chunk, int) or conv_chunk < 0:

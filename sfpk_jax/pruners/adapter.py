@@ -34,9 +34,9 @@ def score_pruner(score_fn: ScoreFn, *, tiebreak: bool = True) -> Callable[..., P
                **options) -> PruneResult:
         layout = MaskLayout.from_params(params, prunable, mask_dim)
         scores = score_fn(layout, params, batches, key, loss_fn=loss_fn, **options)
-        return PruneResult(masks_from_scores(layout, scores, sparsity, scope,
-                                             key if tiebreak else None,
-                                             alive_weights(layout, params)))
+        return PruneResult(masks_from_scores(
+            layout, scores, sparsity, scope=scope, key=key if tiebreak else None,
+            alive=alive_weights(layout, params)))
 
     pruner.__doc__ = score_fn.__doc__
     pruner.__name__ = getattr(score_fn, "__name__", "pruner")

@@ -313,6 +313,6 @@ def synflow_masks(
         scores = synflow_scores(logits_fn, params, layout, input_shape, masks)
         keep = alive if masks is None else [a & (m != 0) for a, m in zip(alive, masks)]
         round_key = None if key is None else jax.random.fold_in(key, k)
-        tree = masks_from_scores(layout, scores, removed, scope, round_key, keep)
+        tree = masks_from_scores(layout, scores, removed, scope=scope, key=round_key, alive=keep)
         masks = layout.gather(tree)
     return tree

@@ -18,10 +18,11 @@ from sfpk_jax.pruners.adapter import score_pruner
 from sfpk_jax.pruners.magnitude import magnitude_prune
 from sfpk_jax.pruners.registry import PruneResult, register_pruner
 from sfpk_jax.sfpk.config import SFPKConfig, spode
+from sfpk_jax.sfpk.execution import Execution
 from sfpk_jax.sfpk.simulation import sfpk_prune
 
 _SIMULATION = {"needs_data": True, "simulation": True, "particles": None,
-               "options": ("config", "init", "checkpoint", "mesh", "total_params")}
+               "options": ("config", "execution", "init", "checkpoint", "total_params")}
 
 
 def _require(method: str, name: str, value: Any, what: str) -> None:
@@ -31,18 +32,19 @@ def _require(method: str, name: str, value: Any, what: str) -> None:
 
 @register_pruner("sfpk", **_SIMULATION)
 def _sfpk(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim, config=None,
-          init=None, checkpoint=None, mesh=None, total_params=None):
+          execution=None, init=None, checkpoint=None, total_params=None):
     """SFPK (Mo, Shi & Pan, ICLR 2025), the spec's defaults unless ``config`` says otherwise.
 
     ``scope`` is the mask's; the dynamics' scope stays ``config.dynamics_scope``
-    (by default global for channel masks, as the reference's ``--structural``).
+    (by default global for channel masks, as in the reference's structural mode).
     ``total_params`` is the model's parameter count for channel masks (see
     :func:`sfpk_jax.sfpk_prune`).
     """
     config = config or SFPKConfig()
     config = config.replace(scope=scope, mask_dim=mask_dim or config.mask_dim)
-    return sfpk_prune(loss_fn, params, batches, sparsity, config, prunable, key, init, checkpoint,
-                      mesh, total_params=total_params)
+    return sfpk_prune(loss_fn, params, batches, sparsity, config=config,
+                      execution=execution or Execution(), prunable=prunable, key=key, init=init,
+                      checkpoint=checkpoint, total_params=total_params)
 
 
 @register_pruner("spode", **{**_SIMULATION, "particles": 1})
@@ -55,7 +57,8 @@ def _spode(loss_fn, params, batches, sparsity, *, config=None, **kwargs):
 def _magnitude(loss_fn, params, batches, sparsity, *, prunable, scope, key, mask_dim):
     """Global (or layer-wise) magnitude pruning; ignores the data."""
     del loss_fn, batches, key
-    return PruneResult(magnitude_prune(params, sparsity, prunable, scope, mask_dim))
+    return PruneResult(magnitude_prune(params, sparsity, prunable=prunable, scope=scope,
+                                       mask_dim=mask_dim))
 
 
 def _random_scores(layout, params, batches, key, *, loss_fn):

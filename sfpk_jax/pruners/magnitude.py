@@ -6,8 +6,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from sfpk_jax.core.channels import MaskDim
 from sfpk_jax.core.masks import MaskLayout, Prunable
-from sfpk_jax.core.topk import alive_weights, masks_from_scores
+from sfpk_jax.core.topk import Scope, alive_weights, masks_from_scores
 
 
 def magnitude_scores(layout: MaskLayout, params: Any) -> list:
@@ -18,11 +19,20 @@ def magnitude_scores(layout: MaskLayout, params: Any) -> list:
 def magnitude_prune(
     params: Any,
     sparsity: float,
+    *,
     prunable: Prunable = None,
-    scope: str = "global",
-    mask_dim: str | None = None,
+    scope: Scope = "global",
+    mask_dim: MaskDim | None = None,
 ) -> Any:
     """0/1 masks keeping the ``1 - sparsity`` fraction of largest |theta|.
+
+    Example:
+
+    >>> import jax.numpy as jnp, sfpk_jax
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -2.0], [0.5, 3.0]])}}
+    >>> sfpk_jax.magnitude_prune(params, 0.5)["dense"]["kernel"]
+    Array([[0., 1.],
+           [0., 1.]], dtype=float32)
 
     Args:
       params: the parameter pytree.
@@ -39,5 +49,5 @@ def magnitude_prune(
       never kept).
     """
     layout = MaskLayout.from_params(params, prunable, mask_dim)
-    return masks_from_scores(layout, magnitude_scores(layout, params), sparsity, scope, None,
-                             alive_weights(layout, params))
+    return masks_from_scores(layout, magnitude_scores(layout, params), sparsity, scope=scope,
+                             alive=alive_weights(layout, params))

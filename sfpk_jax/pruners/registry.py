@@ -13,20 +13,39 @@ the input shape, or the options of a particle simulation.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
 
+from sfpk_jax.core.channels import MaskDim
 from sfpk_jax.core.masks import Prunable
+from sfpk_jax.core.topk import Scope
 
-PrunerFn = Callable[..., Any]
+PrunerFn = Callable[..., "PruningResult"]
+
+
+@runtime_checkable
+class PruningResult(Protocol):
+    """What every pruner returns: at least the masks.
+
+    :class:`PruneResult` (one-shot pruners) and :class:`sfpk_jax.SFPKResult`
+    (SFPK and SpODE, which also carry scores, particles and trace) both
+    follow it, and so must a pruner added with :func:`register_pruner`.
+
+    Attributes:
+      masks: 0/1 float32 masks, a tree mirroring the params (None at leaves
+        that are not pruned; channel masks broadcast over their kernels).
+    """
+
+    @property
+    def masks(self) -> Any: ...
 
 
 class PruneResult(NamedTuple):
-    """The masks of a one-shot pruner (a tree mirroring params, None where not pruned).
+    """What a one-shot pruner returns (a :class:`PruningResult`).
 
-    SFPK and SpODE return :class:`sfpk_jax.SFPKResult` instead, which also
-    carries the particle system; both have ``.masks``.
+    Attributes:
+      masks: the mask tree mirroring params, None where not pruned.
     """
 
     masks: Any
@@ -60,11 +79,11 @@ class PrunerSpec(NamedTuple):
     options: tuple[str, ...] = ()
 
 
-PRUNERS: dict[str, PrunerSpec] = {}
+_REGISTRY: dict[str, PrunerSpec] = {}
 
 
 def register_pruner(name: str, fn: PrunerFn | None = None, **needs) -> Any:
-    """Registers ``fn`` under ``name`` for :func:`prune` and the experiments' ``--pruner``.
+    """Registers ``fn`` under ``name`` for :func:`prune` (and so for the experiments).
 
     Args:
       name: the pruner's name; an existing name is refused.
@@ -80,7 +99,7 @@ def register_pruner(name: str, fn: PrunerFn | None = None, **needs) -> Any:
         raise ValueError(f"a pruner's name must be a non-empty string, got {name!r}")
     if fn is None:
         return lambda f: register_pruner(name, f, **needs)
-    if name in PRUNERS:
+    if name in _REGISTRY:
         raise ValueError(f"a pruner named {name!r} is already registered; choose another name")
     if not callable(fn):
         raise TypeError(f"pruner {name!r} must be callable, got {type(fn).__name__}")
@@ -88,8 +107,23 @@ def register_pruner(name: str, fn: PrunerFn | None = None, **needs) -> Any:
     if unknown:
         raise TypeError(f"unknown pruner needs {sorted(unknown)}; choose from "
                         f"{', '.join(PrunerSpec._fields[1:])}")
-    PRUNERS[name] = PrunerSpec(fn, **needs)
+    _REGISTRY[name] = PrunerSpec(fn, **needs)
     return fn
+
+
+def unregister_pruner(name: str) -> None:
+    """Removes the pruner registered as ``name`` (e.g. one a test added).
+
+    Raises:
+      ValueError: no pruner of that name is registered.
+    """
+    spec(name)
+    del _REGISTRY[name]
+
+
+def names() -> tuple[str, ...]:
+    """The registered pruners' names, in the order they were registered."""
+    return tuple(_REGISTRY)
 
 
 def spec(method: str) -> PrunerSpec:
@@ -98,9 +132,9 @@ def spec(method: str) -> PrunerSpec:
     Raises:
       ValueError: no pruner of that name is registered.
     """
-    if method not in PRUNERS:
-        raise ValueError(f"unknown pruner {method!r}; choose one of {', '.join(PRUNERS)}")
-    return PRUNERS[method]
+    if method not in _REGISTRY:
+        raise ValueError(f"unknown pruner {method!r}; choose one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[method]
 
 
 def prune(
@@ -111,12 +145,21 @@ def prune(
     sparsity: float,
     *,
     prunable: Prunable = None,
-    scope: str = "global",
+    scope: Scope = "global",
     key: jax.Array | None = None,
-    mask_dim: str | None = None,
+    mask_dim: MaskDim | None = None,
     **options,
-) -> Any:
+) -> PruningResult:
     """Prunes ``params`` with the named method.
+
+    Example:
+
+    >>> import jax, sfpk_jax
+    >>> params = {"dense": {"kernel": jax.random.normal(jax.random.key(0), (8, 4)),
+    ...                     "bias": jax.random.normal(jax.random.key(1), (4,))}}
+    >>> result = sfpk_jax.prune("random", None, params, None, 0.5, key=jax.random.key(2))
+    >>> sfpk_jax.sparsity_of(result.masks)
+    0.5
 
     Args:
       method: a registered name: ``sfpk``, ``spode``, ``magnitude``,
@@ -138,11 +181,11 @@ def prune(
       **options: method options:
 
         * ``sfpk``, ``spode``: ``config`` (an :class:`sfpk_jax.SFPKConfig`),
-          ``init`` (an earlier result), ``checkpoint`` (a
-          :class:`sfpk_jax.CheckpointPolicy`), ``mesh`` (for
-          ``particle_mode="shard"``) and ``total_params`` (the model's
-          parameter count, for channel masks); ``batches`` may also be
-          a function ``start -> iterable`` (see :func:`sfpk_jax.sfpk_prune`).
+          ``execution`` (an :class:`sfpk_jax.Execution`), ``init`` (an
+          earlier result), ``checkpoint`` (a :class:`sfpk_jax.CheckpointPolicy`)
+          and ``total_params`` (the model's parameter count, for channel
+          masks); ``batches`` may also be a function ``start -> iterable``
+          (see :func:`sfpk_jax.sfpk_prune`).
         * ``snip``: ``num_batches`` (default 1).
         * ``grasp``: ``logits_fn(params, x) -> logits`` (required),
           ``num_batches`` (1), ``temperature`` (200), ``input_key``
@@ -154,7 +197,7 @@ def prune(
         See :mod:`sfpk_jax.pruners.baselines`.
 
     Returns:
-      A result with ``.masks``.
+      A :class:`PruningResult`: its ``.masks`` mirror ``params``.
     """
     return spec(method).fn(loss_fn, params, batches, sparsity, prunable=prunable, scope=scope,
                            key=key, mask_dim=mask_dim, **options)

@@ -2,10 +2,7 @@
 
 E(m) = loss of the model with weights theta * P(m) on the particle's own
 mini-batch; grad E is taken through the polarizer P (straight-through for the
-default one-hot). Particles go through the model all at once (``vmap``), in
-chunks (``map``), or one jitted call each (``loop``, driven by the simulation):
-vmapping different masks through a convolution turns it into a grouped
-convolution, which is much slower than a loop on some backends.
+default one-hot). :mod:`sfpk_jax.sfpk.modes` runs it over the particles.
 """
 
 from __future__ import annotations
@@ -20,6 +17,7 @@ import jax.numpy as jnp
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.core.polarizers import polarize
 from sfpk_jax.sfpk.config import SFPKConfig
+from sfpk_jax.sfpk.execution import ComputeDtype
 
 EnergyFn = Callable[..., tuple[jax.Array, list]]
 
@@ -65,13 +63,15 @@ def make_energy_fn(
     loss_fn: Callable[[Any, Any], jax.Array],
     layout: MaskLayout,
     config: SFPKConfig,
+    compute_dtype: ComputeDtype = "float32",
 ) -> EnergyFn:
     """``(params, mask leaves, batch) -> (E, grad E)`` for a single particle.
 
     Args:
       loss_fn: ``loss_fn(params, batch, *loss_args) -> scalar``, pure.
       layout: where the prunable leaves are.
-      config: polarizer, sparsity functional and scopes (see :func:`polarizer_density`).
+      config: polarizer, functional G and scopes (see :func:`polarizer_density`).
+      compute_dtype: the dtype of the model's passes (``Execution.compute_dtype``).
 
     Returns:
       A function of the parameters theta (held fixed: no gradient is taken
@@ -94,11 +94,11 @@ def make_energy_fn(
             at=at,
         )
         masked = layout.replace(params, [t * p for t, p in zip(theta, point)])
-        if config.compute_dtype == "float32":
+        if compute_dtype == "float32":
             return loss_fn(masked, batch, *loss_args)
         # The casts sit inside the differentiated function, so grad E still
         # arrives in the particles' float32.
-        masked, batch = _cast_floats((masked, batch), config.compute_dtype)
+        masked, batch = _cast_floats((masked, batch), compute_dtype)
         return loss_fn(masked, batch, *loss_args).astype(jnp.float32)
 
     grad_fn = jax.value_and_grad(energy)

@@ -25,6 +25,7 @@ from sfpk_jax.parallel import sharding
 from sfpk_jax.sfpk import energy as energy_lib
 from sfpk_jax.sfpk.config import SFPKConfig
 from sfpk_jax.sfpk.energy import EnergyFn
+from sfpk_jax.sfpk.execution import Execution
 from sfpk_jax.sfpk.state import SFPKState, StepTrace
 from sfpk_jax.sfpk.update import sfpk_update
 
@@ -185,9 +186,9 @@ def make_stepper(
     layout: MaskLayout,
     config: SFPKConfig,
     target: float,
-    mesh: jax.sharding.Mesh | None = None,
+    execution: Execution = Execution(),
 ) -> Stepper:
-    """Builds the jitted SFPK step for ``config.particle_mode``.
+    """Builds the jitted SFPK step for ``execution.particle_mode``.
 
     ``vmap``, ``map`` and ``shard`` compile the whole step (energies, update,
     vote) into one program. ``loop`` dispatches one jitted energy call per
@@ -196,9 +197,10 @@ def make_stepper(
 
     Compiled once: the jitted functions are kept (the last
     :data:`CACHE_SIZE`), keyed by the loss function, the layout, the
-    config's fields that shape the program and the mesh; the target density
-    and a :class:`~sfpk_jax.sfpk.energy.StatefulLoss`'s state are arguments
-    of the programs. So another call with the same loss (or the same
+    config's and the execution's fields that shape the program, and the
+    mesh; the target density and a
+    :class:`~sfpk_jax.sfpk.energy.StatefulLoss`'s state are arguments of the
+    programs. So another call with the same loss (or the same
     ``StatefulLoss.fn``) and shapes, e.g. the next round of gradual pruning,
     compiles nothing. A plain ``loss_fn`` is keyed by identity, as
     ``jax.jit`` keys functions: it must be pure.
@@ -209,17 +211,20 @@ def make_stepper(
       layout: where the prunable leaves are.
       config: the hyper-parameters.
       target: the target mask density.
-      mesh: the devices of ``shard`` mode (see :func:`sfpk_jax.parallel.sharding.default_mesh`).
+      execution: how the particles run (not ``processes``: see
+        :func:`sfpk_jax.sfpk.particle_workers.process_stepper`).
     """
-    if config.particle_mode == "processes":
+    if execution.particle_mode == "processes":
         raise ValueError("particle_mode='processes' needs its worker processes: sfpk_prune starts "
-                         "them, or use sfpk_jax.sfpk.processes.process_stepper inside "
+                         "them, or use sfpk_jax.sfpk.particle_workers.process_stepper inside "
                          "`with WorkerPool(...)`")
     fn, loss_state = loss_parts(loss_fn)
-    if config.particle_mode == "shard":
-        mesh = mesh or sharding.default_mesh(config.particles)
-        loss_state = sharding.replicate(loss_state, mesh)
-    programs = _programs(fn, loss_state is not None, layout, program_config(config), mesh)
+    execution = program_execution(execution)
+    if execution.particle_mode == "shard":
+        execution = execution.replace(
+            mesh=execution.mesh or sharding.default_mesh(config.particles))
+        loss_state = sharding.replicate(loss_state, execution.mesh)
+    programs = _programs(fn, loss_state is not None, layout, program_config(config), execution)
     # Weakly typed, as the Python float it stands for: it takes the particles' dtype.
     target = jnp.asarray(float(target))
     return Stepper(
@@ -243,7 +248,14 @@ def three_arguments(fn: Callable, stateful: bool) -> Callable:
 
 def program_config(config: SFPKConfig) -> SFPKConfig:
     """``config`` less the fields the host loop alone reads, which must not split the caches."""
-    return config.replace(progress=True, early_stop=True)
+    return config.replace(early_stop=True)
+
+
+def program_execution(execution: Execution) -> Execution:
+    """``execution`` less the fields the host loop alone reads, which must not split the caches."""
+    return Execution(particle_mode=execution.particle_mode,
+                     particle_chunk=execution.particle_chunk, mesh=execution.mesh,
+                     compute_dtype=execution.compute_dtype)
 
 
 class _Programs(NamedTuple):
@@ -268,16 +280,18 @@ def combine_program(layout: MaskLayout, config: SFPKConfig) -> Callable:
 
 @functools.lru_cache(maxsize=CACHE_SIZE)
 def _programs(fn: Callable, stateful: bool, layout: MaskLayout, config: SFPKConfig,
-              mesh: jax.sharding.Mesh | None) -> _Programs:
+              execution: Execution) -> _Programs:
     """The jitted functions of :func:`make_stepper`, for ``fn(params, batch[, state])``."""
-    energy_fn = energy_lib.make_energy_fn(three_arguments(fn, stateful), layout, config)
+    energy_fn = energy_lib.make_energy_fn(three_arguments(fn, stateful), layout, config,
+                                          execution.compute_dtype)
+    mode, mesh = execution.particle_mode, execution.mesh
 
     def update(params, target, state, energy, grads):
         return sfpk_update(
             state, energy, grads, layout.gather(params), config=config, target=target
         )
 
-    if config.particle_mode == "loop":
+    if mode == "loop":
 
         @jax.jit
         def one_particle(params, particles, batch, i, loss_state):
@@ -301,8 +315,8 @@ def _programs(fn: Callable, stateful: bool, layout: MaskLayout, config: SFPKConf
             energies=lambda *args: stack(outputs(*args)),
         )
 
-    if config.particle_mode != "shard":
-        batched = all_particles(energy_fn, config.particle_mode, config.particle_chunk)
+    if mode != "shard":
+        batched = all_particles(energy_fn, mode, execution.particle_chunk)
 
         @functools.partial(jax.jit, donate_argnums=3)
         def fused(params, loss_state, target, state, batch):

@@ -10,34 +10,24 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
 
 from sfpk_jax.core import channels, topk
 from sfpk_jax.core.masks import MaskLayout, Prunable, path_to_str
 from sfpk_jax.parallel import sharding
-from sfpk_jax.parallel.workers import WorkerError, WorkerPool
-from sfpk_jax.sfpk.checkpointing import (
-    CheckpointPolicy,
-    SimulationCheckpoints,
-    fingerprint,
-)
+from sfpk_jax.parallel.worker_pool import WorkerError, WorkerPool, local_cores
 from sfpk_jax.sfpk.config import SFPKConfig, spode
+from sfpk_jax.sfpk.execution import Execution
 from sfpk_jax.sfpk.modes import Stepper, make_stepper
-from sfpk_jax.sfpk.processes import process_stepper
-from sfpk_jax.sfpk.state import (
-    FAULTS,
-    TRACE_FIELDS,
-    SFPKResult,
-    SFPKState,
-    Trace,
-    initial_state,
-)
+from sfpk_jax.sfpk.particle_workers import process_stepper
+from sfpk_jax.sfpk.resume import CheckpointPolicy, SimulationCheckpoints, fingerprint
+from sfpk_jax.sfpk.state import FAULTS, TRACE_FIELDS, SFPKResult, SFPKState, initial_state
 
 _LOG = logging.getLogger(__name__)
 # Steps between two log lines when there is no progress bar.
@@ -98,12 +88,13 @@ def sfpk_prune(
     params: Any,
     batches: Iterable[Any] | Callable[[int], Iterable[Any]],
     sparsity: float,
+    *,
     config: SFPKConfig = SFPKConfig(),
+    execution: Execution = Execution(),
     prunable: Prunable = None,
     key: jax.Array | None = None,
     init: SFPKResult | None = None,
     checkpoint: CheckpointPolicy | None = None,
-    mesh: jax.sharding.Mesh | None = None,
     desc: str | None = None,
     total_params: int | None = None,
 ) -> SFPKResult:
@@ -116,13 +107,32 @@ def sfpk_prune(
     and P every parameter of the model; the final mask keeps f of each
     layer's channels (:func:`sfpk_jax.core.channels.simulation_density`).
 
+    Example (a two-layer model; a real run prunes a trained one):
+
+    >>> import jax, jax.numpy as jnp, numpy as np, sfpk_jax
+    >>> params = {"w1": jax.random.normal(jax.random.key(0), (8, 16)),
+    ...           "w2": jax.random.normal(jax.random.key(1), (16, 4))}
+    >>> def loss_fn(p, batch):
+    ...     logits = jnp.tanh(batch["x"] @ p["w1"]) @ p["w2"]
+    ...     return jnp.mean((logits - batch["y"]) ** 2)
+    >>> rng = np.random.default_rng(0)
+    >>> batches = ({"x": rng.normal(size=(2, 32, 8)), "y": rng.normal(size=(2, 32, 4))}
+    ...            for _ in range(5))  # one batch per step, leading axis: the 2 particles
+    >>> config = sfpk_jax.SFPKConfig(steps=5, particles=2)
+    >>> result = sfpk_jax.sfpk_prune(loss_fn, params, batches, 0.75, config=config,
+    ...                              prunable=r"^w", execution=sfpk_jax.Execution(progress=False))
+    >>> round(sfpk_jax.sparsity_of(result.masks), 4)
+    0.75
+    >>> sorted(result.trace), result.trace["G"].shape
+    (['E', 'G', 'K', 'dt'], (5, 2))
+
     Args:
       loss_fn: pure ``loss_fn(params, batch) -> scalar`` (batch norm in
         training mode), or a :class:`~sfpk_jax.sfpk.energy.StatefulLoss` that
         takes the other variables (batch-norm state) as an argument. The
         compiled step is reused by later calls with the same loss function
-        (for a ``StatefulLoss``, the same ``fn``), shapes and config (see
-        :func:`sfpk_jax.sfpk.modes.make_stepper`).
+        (for a ``StatefulLoss``, the same ``fn``), shapes, config and
+        execution (see :func:`sfpk_jax.sfpk.make_stepper`).
       params: the trained parameter pytree theta.
       batches: yields one batch pytree per step whose leaves have a leading
         axis of size ``config.particles``: particle i uses slice i. Either an
@@ -131,7 +141,11 @@ def sfpk_prune(
         without reading them (e.g. ``lambda start: particle_loader(...,
         start=start)``); a plain iterable is advanced past them.
       sparsity: fraction of prunable entries to remove (0.95 keeps 5%).
-      config: the hyper-parameters.
+      config: what is computed: the spec's hyper-parameters.
+      execution: how it is computed: particle mode, worker processes,
+        precision, progress. With several processes (``jax.distributed``)
+        every process calls ``sfpk_prune`` with the same arguments and
+        batches, in ``shard`` mode; see :mod:`sfpk_jax.parallel.sharding`.
       prunable: which leaves to prune: None (conv/dense kernels and dense
         biases), a regex over '/'-joined paths, or a callable (path, leaf).
       key: optional PRNG key that breaks exact ties in the final top-k (without
@@ -141,18 +155,13 @@ def sfpk_prune(
         the particles' mean G.
       checkpoint: where and how often to checkpoint the simulation, and
         whether to resume from the latest checkpoint there (see
-        :class:`sfpk_jax.sfpk.checkpointing.CheckpointPolicy`). A resumed run ends with
-        exactly the masks and scores of an uninterrupted one.
-      mesh: the devices over which ``particle_mode="shard"`` splits the
-        particles (a :func:`sfpk_jax.parallel.sharding.particle_mesh`); by default as
-        many devices as evenly share them
-        (:func:`sfpk_jax.parallel.sharding.default_mesh`). With several
-        processes (``jax.distributed``) every process calls ``sfpk_prune``
-        with the same arguments and batches; see :mod:`sfpk_jax.parallel.sharding`.
+        :class:`sfpk_jax.CheckpointPolicy`). A resumed run ends with exactly
+        the masks and scores of an uninterrupted one under the same execution.
       desc: the run's name on the progress bar and in the log lines (default:
         ``SFPK``, followed by the checkpoint folder's name when there is one).
-        With ``config.progress`` off, one line every 10 steps goes to the
-        ``logging`` logger ``sfpk_jax.sfpk.simulation`` at level INFO.
+        Without a bar (``execution.progress`` off, or stderr not a terminal),
+        one line every 10 steps goes to the ``logging`` logger
+        ``sfpk_jax.sfpk.simulation`` at level INFO.
       total_params: P for channel masks (ignored otherwise; see above). By
         default every entry of every leaf of ``params``; pass it when the
         params tree lacks parameters the model has (e.g. to match a PyTorch
@@ -164,8 +173,8 @@ def sfpk_prune(
 
     Raises:
       ValueError: bad sparsity, batches or parameters (the message says which).
-      WorkerError: with ``particle_mode="processes"``, a worker process died
-        or failed (the checkpoints written so far are kept).
+      WorkerError: in ``processes`` mode, a worker process died or failed
+        (the checkpoints written so far are kept).
       ResumeError: the checkpoint folder holds another run, or a damaged one.
       FloatingPointError: a particle's energy, gradient or direction became
         NaN or Inf; the message names the step and particles, and the last
@@ -177,27 +186,29 @@ def sfpk_prune(
                          "leaves have a leading particle axis n (e.g. data.particle_loader)")
     if not isinstance(config, SFPKConfig):
         raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
-    if mesh is not None and config.particle_mode != "shard":
-        raise ValueError(f"mesh= is used by particle_mode='shard', not {config.particle_mode!r}")
-    if mesh is not None and config.particles % dict(mesh.shape).get(sharding.PARTICLES, 1):
-        raise ValueError(
-            f"{config.particles} particles do not split evenly over the mesh's "
-            f"{dict(mesh.shape)[sharding.PARTICLES]} particle devices: use a multiple of that "
-            "many particles or a mesh over fewer devices"
-        )
-    if jax.process_count() > 1 and config.particle_mode != "shard":
+    if not isinstance(execution, Execution):
+        raise TypeError(f"execution must be an Execution, got {type(execution).__name__}")
+    mode = execution.particle_mode
+    if jax.process_count() > 1 and mode != "shard":
         raise ValueError(
             f"with {jax.process_count()} processes (jax.distributed) SFPK splits the particles "
-            f"over every process's devices: use particle_mode='shard', not {config.particle_mode!r}"
+            f"over every process's devices: use particle_mode='shard', not {mode!r}"
         )
-    if config.particle_mode == "shard":
-        mesh = mesh or sharding.default_mesh(config.particles)
+    if mode == "shard":
+        mesh = execution.mesh or sharding.default_mesh(config.particles)
+        if config.particles % dict(mesh.shape).get(sharding.PARTICLES, 1):
+            raise ValueError(
+                f"{config.particles} particles do not split evenly over the mesh's "
+                f"{dict(mesh.shape)[sharding.PARTICLES]} particle devices: use a multiple of "
+                "that many particles or a mesh over fewer devices"
+            )
         idle = set(range(jax.process_count())) - {d.process_index for d in mesh.devices.flat}
         if idle:
             raise ValueError(
                 f"the mesh has no device of process(es) {sorted(idle)}; every process runs "
                 "sfpk_prune, so build the mesh over devices of all of them (default_mesh does)"
             )
+        execution = execution.replace(mesh=mesh)
         # Params may live on other devices (e.g. replicated by data-parallel training).
         params = sharding.replicate(params, mesh)
     layout = MaskLayout.from_params(params, prunable, config.mask_dim)
@@ -222,32 +233,33 @@ def sfpk_prune(
         checkpoints = SimulationCheckpoints(
             checkpoint,
             fingerprint(config, sparsity, layout.paths, theta, layout.mask_shapes, target),
+            execution,
         )
         restored = checkpoints.restore(state)
         if restored is not None:
             state, saved_trace = restored
-            if "density" not in saved_trace:  # written before the field was renamed
-                saved_trace["density"] = saved_trace.pop("sparsity")
             trace = {f: [np.asarray(row, np.float32) for row in saved_trace[f]] for f in TRACE_FIELDS}
     try:
         with contextlib.ExitStack() as stack:
-            if config.particle_mode == "processes":
-                # The workers end with the simulation, however it ends.
-                pool = stack.enter_context(WorkerPool(config.particle_workers))
-                stepper = process_stepper(loss_fn, layout, config, target, pool)
+            if mode == "processes":
+                # The workers end with the simulation, however it ends; more than
+                # one per particle would idle.
+                workers = min(execution.workers or len(local_cores()), config.particles)
+                pool = stack.enter_context(WorkerPool(workers))
+                stepper = process_stepper(loss_fn, layout, config, target, pool, execution)
             else:
-                stepper = make_stepper(loss_fn, layout, config, target, mesh)
-            state = _simulate(stepper, params, state, batches, config, target, trace, checkpoints,
-                              desc)
+                stepper = make_stepper(loss_fn, layout, config, target, execution)
+            state = _simulate(stepper, params, state, batches, config, execution.progress, target,
+                              trace, checkpoints, desc)
     except WorkerError as err:
         kept = (f"the last checkpoint in {checkpoints.directory} is kept: run again with the same "
-                "checkpoint= to resume from it" if checkpoints is not None
+                "checkpoint policy to resume from it" if checkpoints is not None
                 else "pass checkpoint= to keep the progress of a long run")
         raise WorkerError(f"SFPK (particle_mode='processes'): {err}; {kept}") from err
     finally:
         if checkpoints is not None:
             checkpoints.close()
-    if config.particle_mode == "shard":
+    if mode == "shard":
         # Through the host, so that the (small) result is not committed to the
         # mesh and combines with arrays placed anywhere, like the other modes'.
         state, theta = jax.tree.map(jnp.asarray, sharding.to_host((state, theta)))
@@ -261,62 +273,83 @@ def sfpk_prune(
         masks=layout.scatter(masks),
         scores=layout.scatter(state.scores),
         particles=layout.scatter(state.particles),
-        trace=Trace({f: np.stack(v) if v else np.zeros((0, config.particles), np.float32)
-                     for f, v in trace.items()}),
+        trace={f: np.stack(v) if v else np.zeros((0, config.particles), np.float32)
+               for f, v in trace.items()},
     )
 
 
+def _bar_enabled(progress: bool) -> bool:
+    """A bar only where it can redraw itself: a terminal or a notebook (tqdm writes to stderr).
+
+    Elsewhere (a log file, a batch job) its carriage-return updates would
+    pile up as lines, so the log lines take its place.
+    """
+    notebook = type(sys.stderr).__module__.startswith("ipykernel")
+    return progress and (notebook or sys.stderr.isatty())
+
+
 def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKConfig,
-              target: float, trace: dict[str, list], checkpoints, desc: str | None) -> SFPKState:
+              progress: bool, target: float, trace: dict[str, list], checkpoints,
+              desc: str | None) -> SFPKState:
     """Runs the steps from ``state.step`` on, appending to ``trace``; returns the last state.
 
-    Shows a bar (``config.progress``) that stays on screen when done, or else
-    logs one line every :data:`LOG_EVERY` steps (and at the last one).
+    Shows a bar (``progress``, on a terminal) that stays on screen when done
+    and is closed however the run ends, or else logs one line every
+    :data:`LOG_EVERY` steps (and at the last one).
     """
     first = int(state.step)
     done = first >= config.steps or (
-        config.early_stop and bool(trace["density"]) and trace["density"][-1].mean() <= target
+        config.early_stop and bool(trace["G"]) and trace["G"][-1].mean() <= target
     )
     if done:
         return state
     if desc is None:
         desc = "SFPK" + (f" {checkpoints.directory.name}" if checkpoints is not None else "")
     batch_iter = _batch_stream(batches, first)
-    bar = tqdm(initial=first, total=config.steps, desc=desc, disable=not config.progress)
-    for t in range(first, config.steps):
-        try:
-            batch = next(batch_iter)
-        except StopIteration:
-            raise ValueError(
-                f"batches ran out at step {t} of {config.steps}: yield one batch per step "
-                "(an infinite iterator is easiest)"
-            ) from None
-        _check_batch(batch, config.particles, t)
-        state, step_trace = stepper.step(params, state, batch)
-        # The one host transfer of the step: the trace, for the bar, the stop test and faults.
-        host = jax.device_get(step_trace)
-        if np.any(host.faults):
-            if checkpoints is not None:
-                checkpoints.save(t, state, trace)
-            raise FloatingPointError(_fault_message(t, host.faults, checkpoints))
-        for f in TRACE_FIELDS:
-            trace[f].append(np.asarray(getattr(host, f)))
-        mean_g, mean_e = float(np.mean(host.density)), float(np.mean(host.energy))
-        # Counted here, not by iterating the bar, so that the last step counts too.
-        bar.set_postfix(G=f"{mean_g:.4f}", E=f"{mean_e:.4f}", refresh=False)
-        bar.update(1)
-        finished = t + 1 == config.steps or (config.early_stop and mean_g <= target)
-        if not config.progress and (finished or (t + 1) % LOG_EVERY == 0):
-            _LOG.info("%s: step %d/%d, mean density G %.4f (target %.4f), mean energy E %.4f",
-                      desc, t + 1, config.steps, mean_g, target, mean_e)
-        if checkpoints is not None and (finished or (t + 1) % checkpoints.policy.every == 0):
-            checkpoints.save(t + 1, state, trace)
-        if finished:
-            break
-    bar.close()
+    bar = None
+    if _bar_enabled(progress):
+        from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
+
+        bar = tqdm(initial=first, total=config.steps, desc=desc)
+    try:
+        for t in range(first, config.steps):
+            try:
+                batch = next(batch_iter)
+            except StopIteration:
+                raise ValueError(
+                    f"batches ran out at step {t} of {config.steps}: yield one batch per step "
+                    "(an infinite iterator is easiest)"
+                ) from None
+            _check_batch(batch, config.particles, t)
+            state, step_trace = stepper.step(params, state, batch)
+            # The one host transfer of the step: the trace, for the bar, the stop test and faults.
+            host = jax.device_get(step_trace)
+            if np.any(host.faults):
+                if checkpoints is not None:
+                    checkpoints.save(t, state, trace)
+                raise FloatingPointError(_fault_message(t, host.faults, checkpoints))
+            for f in TRACE_FIELDS:
+                trace[f].append(np.asarray(getattr(host, f)))
+            mean_g, mean_e = float(np.mean(host.G)), float(np.mean(host.E))
+            finished = t + 1 == config.steps or (config.early_stop and mean_g <= target)
+            if bar is not None:
+                # Counted here, not by iterating the bar, so that the last step counts too.
+                bar.set_postfix(G=f"{mean_g:.4f}", E=f"{mean_e:.4f}", refresh=False)
+                bar.update(1)
+            elif finished or (t + 1) % LOG_EVERY == 0:
+                _LOG.info("%s: step %d/%d, mean G %.4f (target %.4f), mean energy E %.4f",
+                          desc, t + 1, config.steps, mean_g, target, mean_e)
+            if checkpoints is not None and (finished or (t + 1) % checkpoints.policy.every == 0):
+                checkpoints.save(t + 1, state, trace)
+            if finished:
+                break
+    finally:
+        if bar is not None:
+            bar.close()
     return state
 
 
-def spode_prune(loss_fn, params, batches, sparsity, config: SFPKConfig | None = None, **kwargs):
+def spode_prune(loss_fn, params, batches, sparsity, *, config: SFPKConfig | None = None,
+                **kwargs) -> SFPKResult:
     """SpODE (Mo et al., ICML 2023): :func:`sfpk_prune` with n = 1 and lambda = 0."""
-    return sfpk_prune(loss_fn, params, batches, sparsity, spode(config), **kwargs)
+    return sfpk_prune(loss_fn, params, batches, sparsity, config=spode(config), **kwargs)

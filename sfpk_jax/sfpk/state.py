@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.core import density as density_lib
+from sfpk_jax.core import functional
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.sfpk.config import SFPKConfig
 
-TRACE_FIELDS = ("density", "energy", "repulsion", "dt")
+# The spec's symbols: the functional G, the polarized energy E, the repulsion K, the step dt.
+TRACE_FIELDS = ("G", "E", "K", "dt")
 
 # Bit i of StepTrace.faults: which of a particle's values was NaN or Inf.
 FAULTS = ("energy", "energy gradient", "direction")
-
-_RENAMED = "the trace field 'sparsity' is now 'density' (it holds G, which is 1 at the start)"
 
 
 class SFPKState(NamedTuple):
@@ -38,63 +36,39 @@ class SFPKState(NamedTuple):
 
 
 class StepTrace(NamedTuple):
-    """Per-particle record of one step, each of shape (n,).
+    """Per-particle record of one step, each of shape (n,), named by the spec's symbols.
 
-    ``density`` is the dynamics' G before the update (the mean over layers
-    when the dynamics are layer-wise), ``energy`` E before the update,
-    ``repulsion`` K, ``dt`` the step size (the mean over layers when the
-    mask's scope is local), ``faults`` the particle's non-finite values as
-    bits (:data:`FAULTS`; 0 when all is finite).
+    Attributes:
+      G: the dynamics' functional G before the update (1 for a dense
+        particle; the mean over layers when the dynamics are layer-wise).
+      E: the polarized energy before the update.
+      K: the repulsion.
+      dt: the step size (the mean over layers when the mask's scope is local).
+      faults: the particle's non-finite values as bits (:data:`FAULTS`; 0
+        when all is finite).
     """
 
-    density: jax.Array
-    energy: jax.Array
-    repulsion: jax.Array
+    G: jax.Array
+    E: jax.Array
+    K: jax.Array
     dt: jax.Array
     faults: jax.Array
 
-    @property
-    def sparsity(self) -> jax.Array:
-        """Deprecated alias of :attr:`density`, kept for one release."""
-        warnings.warn(_RENAMED, DeprecationWarning, stacklevel=2)
-        return self.density
-
-
-class Trace(dict):
-    """The per-step trace of a run: field name -> array of shape (steps run, n).
-
-    A dict whose old key ``"sparsity"`` still reads ``"density"``, with a
-    :class:`DeprecationWarning`, for one release.
-    """
-
-    def __getitem__(self, key):
-        if key == "sparsity" and "sparsity" not in self.keys():
-            warnings.warn(_RENAMED, DeprecationWarning, stacklevel=2)
-            key = "density"
-        return super().__getitem__(key)
-
-
-# A pytree node like dict (sorted keys), so that tree maps over a result keep the trace.
-jax.tree_util.register_pytree_with_keys(
-    Trace,
-    lambda t: (tuple((jax.tree_util.DictKey(k), t[k]) for k in sorted(t)), tuple(sorted(t))),
-    lambda keys, values: Trace(zip(keys, values)),
-)
-
 
 class SFPKResult(NamedTuple):
-    """What :func:`sfpk_jax.sfpk_prune` returns.
+    """What :func:`sfpk_jax.sfpk_prune` returns (a :class:`sfpk_jax.pruners.PruningResult`).
 
-    One-shot pruners return :class:`sfpk_jax.PruneResult` (masks only); this
-    type also carries the particle system, which gradual pruning continues
-    (``init=``) and which the trace plots read.
+    One-shot pruners return :class:`sfpk_jax.PruneResult`; this type also
+    carries the particle system, which gradual pruning continues (``init=``)
+    and which the trace plots read.
 
     Attributes:
       masks: 0/1 float32 masks, a tree mirroring params (None where not pruned).
-      scores: the final vote S, same structure as ``masks``.
+      scores: the final vote S, same structure as ``masks``; the final mask
+        keeps its highest entries.
       particles: the continuous particles, same structure, leading axis n.
-      trace: a :class:`Trace` of numpy arrays of shape (steps run, n) with
-        keys ``density``, ``energy``, ``repulsion``, ``dt``.
+      trace: a dict of numpy arrays of shape (steps run, n), keys
+        :data:`TRACE_FIELDS`: ``G``, ``E``, ``K`` and ``dt``.
     """
 
     masks: Any
@@ -135,6 +109,6 @@ def initial_state(
                     "resume with the same params tree and number of particles"
                 )
     g = jax.vmap(
-        lambda *m: density_lib.density(list(m), config.sparsity_fn, config.scope, layout.node_sizes)
+        lambda *m: functional.g(list(m), config.sparsity_fn, config.scope, layout.node_sizes)
     )(*particles)
     return SFPKState(particles, scores, jnp.int32(0), jnp.mean(g, axis=0))

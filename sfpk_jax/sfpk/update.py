@@ -19,8 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.core import channels, schedules, voting
-from sfpk_jax.core import density as density_lib
+from sfpk_jax.core import channels, functional, schedules, voting
 from sfpk_jax.core import direction as direction_lib
 from sfpk_jax.core import repulsion as repulsion_lib
 from sfpk_jax.sfpk.config import SFPKConfig
@@ -73,7 +72,7 @@ def sfpk_update(
     scope, dynamics, m = config.scope, config.dynamics, state.particles
     node = [channels.node_size(t.shape, p.shape[1:]) for p, t in zip(m, theta)]
 
-    density, g = jax.vmap(lambda *mi: density_lib.density_and_descent(
+    density, g = jax.vmap(lambda *mi: functional.g_and_descent(
         list(mi), config.sparsity_fn, dynamics, node))(*m)
     k, k_grad = repulsion_lib.repulsion(
         m, theta, mode=config.repulsion_mode, weighted=config.repulsion_weighted,
@@ -91,13 +90,13 @@ def sfpk_update(
 
     scores = voting.vote(
         state.scores, moved, theta, energy, mode=config.vote_mode, score=config.score,
-        voters=config.voters, momentum=config.momentum, target_density=target, scope=scope)
+        voters=config.voters, momentum=config.vote_momentum, target_density=target, scope=scope)
 
     faults = sum(
         bad.astype(jnp.int32) << bit
         for bit, bad in enumerate([~jnp.isfinite(energy), _not_finite(energy_grad),
                                    _not_finite(delta)]))
-    trace = StepTrace(density=_layer_mean(density, dynamics), energy=energy, repulsion=k,
+    trace = StepTrace(G=_layer_mean(density, dynamics), E=energy, K=k,
                       dt=_layer_mean(dt, scope), faults=faults)
     moved_state = SFPKState(moved, scores, state.step + 1, state.start)
     # A select rather than a host round-trip: the step stays one async program.

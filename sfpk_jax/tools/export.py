@@ -16,8 +16,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import safetensors
-import safetensors.numpy
 
 from sfpk_jax.core.masks import apply_masks, path_to_str
 from sfpk_jax.storage import files
@@ -47,6 +45,8 @@ def save_masked(path: str | os.PathLike, params: PyTree, masks: PyTree, *,
       ValueError: a parameter holds NaN or Inf (named), or the masks do not
         mirror the params.
     """
+    import safetensors.numpy  # on first use: most imports of the package never export
+
     path = Path(path)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True to replace it")
@@ -82,6 +82,8 @@ def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
       ValueError: not such a file, or a parameter is missing, extra or of
         another shape or dtype (named).
     """
+    import safetensors
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no file at {path}")

@@ -87,13 +87,14 @@ def _band(ax, steps, values: np.ndarray, color: str, label: str) -> None:
 
 def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str, *,
                targets: Mapping[str, float] | None = None, title: str | None = None) -> Figure:
-    """The particles' density G and energy E over the SFPK steps: mean line, min-max band.
+    """The particles' G and energy E over the SFPK steps: mean line, min-max band.
 
     Args:
       traces: label (e.g. the sparsity) -> an ``SFPKResult.trace`` dict, whose
-        ``density`` and ``energy`` are ``(steps, particles)`` arrays.
+        ``G`` and ``E`` are ``(steps, particles)`` arrays.
       path: where to save the PNG.
-      targets: label -> the target density, drawn as a dashed line.
+      targets: label -> the target density (1 - sparsity), which G falls to,
+        drawn as a dashed line.
       title: the figure's title (model, dataset, particles).
 
     Returns:
@@ -102,17 +103,17 @@ def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str, *,
     fig, (ax_g, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
     targets = targets or {}
     for i, (label, trace) in enumerate(traces.items()):
-        g, e = np.asarray(trace["density"]), np.asarray(trace["energy"])
+        g, e = np.asarray(trace["G"]), np.asarray(trace["E"])
         steps = np.arange(1, g.shape[0] + 1)
         color = f"C{i}"
         _band(ax_g, steps, g, color, f"{label}: {g.shape[1]} particles")
         _band(ax_e, steps, e, color, label)
         if label in targets:
             ax_g.axhline(targets[label], color=color, ls="--", lw=1,
-                         label=f"{label}: target density {targets[label]:.3g}")
+                         label=f"{label}: target {targets[label]:.3g}")
     ax_g.set_yscale("log")
-    ax_g.set_ylabel("density G(m) (kept share, log scale)")
-    ax_g.set_title("density of the particles (line: mean, band: min to max)", fontsize=9)
+    ax_g.set_ylabel("G(m): the particle's density (1 = dense; log scale)")
+    ax_g.set_title("G of the particles (line: mean, band: min to max)", fontsize=9)
     ax_e.set_ylabel(TRACE_ENERGY_LABEL)
     ax_e.set_title("each particle's loss on its mini-batch (line: mean, band: min to max)",
                    fontsize=9)
@@ -160,27 +161,27 @@ def accuracy_over_epochs(rows: Sequence[Mapping], path: str, *,
     return _save(fig, path)
 
 
-def layer_density(density: Mapping[str, float], path: str, *, overall: float | None = None,
-                  title: str | None = None) -> Figure:
-    """Bars of the kept share of every pruned layer.
+def layer_sparsity(sparsity: Mapping[str, float], path: str, *, overall: float | None = None,
+                   title: str | None = None) -> Figure:
+    """Bars of the removed share (sparsity) of every pruned layer.
 
     Args:
-      density: '/'-joined parameter path -> kept share.
+      sparsity: '/'-joined parameter path -> removed share.
       path: where to save the PNG.
-      overall: the kept share over all pruned layers, drawn as a dashed line.
+      overall: the sparsity over all pruned layers, drawn as a dashed line.
       title: the figure's title (model, dataset, pruner and sparsity).
 
     Returns:
       The Figure.
     """
-    names = list(density)
+    names = list(sparsity)
     fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * len(names)), 4.5))
-    ax.bar(range(len(names)), [density[n] for n in names], label="layer")
+    ax.bar(range(len(names)), [sparsity[n] for n in names], label="layer")
     if overall is not None:
         ax.axhline(overall, color="C3", ls="--", lw=1, label=f"all layers: {overall:.3g}")
         ax.legend(fontsize=8)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8 if len(names) <= 20 else 6)
-    ax.set_ylabel("density (kept share of the layer)")
-    ax.set_title(title or "density per layer", fontsize=10)
+    ax.set_ylabel("sparsity (removed share of the layer)")
+    ax.set_title(title or "sparsity per layer", fontsize=10)
     ax.grid(alpha=0.3, axis="y")
     return _save(fig, path)

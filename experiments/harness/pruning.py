@@ -1,0 +1,152 @@
+"""Pruning in the experiments: ``--pruner`` given what its registry entry needs, checkpointed."""
+
+from __future__ import annotations
+
+import time
+from typing import Any, NamedTuple
+
+import jax
+
+from experiments.harness.flags import execution, fail, sfpk_config
+from experiments.harness.outdir import DAMAGED, checkpoint_dir, slug
+from experiments.harness.progress import LOG
+from sfpk_jax import CheckpointPolicy, PruneResult, ResumeError, SFPKResult, prune
+from sfpk_jax.data import particle_loader
+from sfpk_jax.pruners import spec
+from sfpk_jax.storage import checkpoint_files
+from sfpk_jax.train import make_loss_fn
+
+# What to do about a diverged simulation with the experiments' flags: its
+# checkpoints record the configuration and the weights, so --resume cannot
+# take another --radius, --steps or dense model.
+DIVERGED_FIX = ("With the experiments: --resume keeps the simulation's flags, so start the run "
+                "again with --overwrite and a smaller --radius (closer to 1) or more --steps; "
+                "to keep a dense model this run trained, use a new --out with --dense-checkpoint "
+                "pointing at this run's checkpoints/dense instead")
+
+
+class Pruned(NamedTuple):
+    """One pruning call: the masks, the pruner's whole result and its wall time."""
+
+    masks: Any
+    result: Any
+    seconds: float
+
+
+def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None,
+                seed_offset: int = 0, name: str | None = None) -> Pruned:
+    """Runs ``--pruner`` on the dense (or fine-tuned) model.
+
+    The result (masks; for a particle simulation such as SFPK also scores,
+    particles and trace) is checkpointed under ``OUT/checkpoints/prune-<name>``
+    and restored on ``--resume``; an SFPK simulation itself is checkpointed
+    every ``--checkpoint-every`` steps under ``OUT/checkpoints/sfpk-<name>``
+    and resumed from there.
+
+    Args:
+      args: the parsed flags.
+      bundle: the dataset.
+      apply_fn: the model's apply function.
+      variables: the model's variables (``params`` are pruned).
+      sparsity: the fraction of prunable weights to remove.
+      init: an earlier simulation result to continue from (gradual pruning).
+      seed_offset: added to ``--seed`` for the pruning batches.
+      name: the checkpoint folders' name (default: pruner, sparsity, seed and
+        ``seed_offset``); unique within a run.
+
+    Returns:
+      The masks, the result and the seconds pruning took (those of the first
+      run when restored).
+    """
+    method = args.pruner
+    simulation = spec(method).simulation
+    name = slug(name or f"{method}-{sparsity:g}-seed{args.seed}-{seed_offset}")
+    fingerprint = {
+        "pruner": method, "sparsity": sparsity, "seed": args.seed, "seed_offset": seed_offset,
+        "variables_sha256": checkpoint_files.tree_digest(variables),
+        "init_sha256": None if init is None else checkpoint_files.tree_digest(
+            (init.particles, init.scores)),
+    }
+    with checkpoint_files.Series(checkpoint_dir(args) / f"prune-{name}") as series:
+        if args.resume:
+            try:
+                if series.latest() is not None:
+                    state, record = series.restore(series.latest())
+                    diffs = checkpoint_files.differences(record.get("fingerprint", {}), fingerprint)
+                    if diffs:
+                        fail(f"--resume: the pruning checkpoint {series.directory} is not from "
+                             f"this run: {'; '.join(diffs)}. Resume with the run's flags and "
+                             "inputs, or pass --overwrite to start again")
+                    if simulation:
+                        result = SFPKResult(state["masks"], state["scores"], state["particles"],
+                                            _restored_trace(state["trace"]))
+                    else:
+                        result = PruneResult(state["masks"])
+                    return Pruned(result.masks, result, float(record["seconds"]))
+            except checkpoint_files.CheckpointError as err:
+                fail(f"--resume: {err}; {DAMAGED}")
+        pruned = _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
+        tree = {"masks": pruned.masks}
+        if simulation:
+            tree.update(scores=pruned.result.scores, particles=pruned.result.particles,
+                        trace=dict(pruned.result.trace))
+        series.save(0, tree, {"fingerprint": fingerprint, "seconds": pruned.seconds})
+    return pruned
+
+
+def _restored_trace(saved: dict) -> dict:
+    """A checkpointed trace under the spec's symbols (older runs named G ``density``, E ``energy``,
+    K ``repulsion``)."""
+    renamed = {"sparsity": "G", "density": "G", "energy": "E", "repulsion": "K"}
+    return {renamed.get(key, key): value for key, value in saved.items()}
+
+
+def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name) -> Pruned:
+    """Prunes once, giving the pruner what its :class:`sfpk_jax.pruners.PrunerSpec` asks for."""
+    method = args.pruner
+    needs = spec(method)
+    particles = args.particles if needs.particles is None else needs.particles
+    options: dict[str, Any] = {}
+    if needs.simulation:
+        options = {"config": sfpk_config(args), "execution": execution(args, particles),
+                   "init": init,
+                   "checkpoint": CheckpointPolicy(checkpoint_dir(args) / f"sfpk-{name}",
+                                                  args.checkpoint_every, args.resume)}
+    if needs.needs_logits:
+        # Training mode, as the official code runs GraSP and SynFlow (batch statistics).
+        options["logits_fn"] = lambda p, x: apply_fn({**variables, "params": p}, x, True)[0]
+    if needs.needs_input_shape:
+        options["input_shape"] = bundle.image_shape
+    if "iterations" in needs.options:
+        options["iterations"] = args.synflow_iterations
+    batches, opened = None, []
+    if needs.needs_data:
+
+        def stream(start: int = 0):
+            opened.append(particle_loader(bundle.train, particles, args.prune_batch_size,
+                                          transform=bundle.train_transform,
+                                          seed=args.seed + seed_offset, start=start,
+                                          workers=args.data_workers))
+            return opened[-1]
+
+        # A simulation takes the batches as a function of the first step, so
+        # that a resumed one reads from there without replaying the others.
+        batches = stream if needs.simulation else stream()
+    LOG.info("%s %s: pruning to %.4g%% sparsity", method, name, 100 * sparsity)
+    t0 = time.perf_counter()
+    try:
+        result = prune(method, make_loss_fn(apply_fn, variables), variables["params"], batches,
+                       sparsity, scope=args.scope, key=jax.random.key(args.seed),
+                       mask_dim=args.mask_dim, **options)
+    except FloatingPointError as err:
+        fail(f"pruning with {method} diverged: {err}. {DIVERGED_FIX}")
+    except ResumeError as err:
+        fail(str(err))
+    finally:
+        # Endless streams: their worker processes stop only when closed.
+        for iterator in opened:
+            iterator.close()
+    jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
+    seconds = time.perf_counter() - t0
+    LOG.info("%s %s: pruned in %.1f s", method, name, seconds)
+    return Pruned(result.masks, result, seconds)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import time
 
 import numpy as np
 import pytest
@@ -34,6 +35,10 @@ def test_workers_give_the_same_batches_and_stop_on_close(source):
     serial = list(Loader(source, B, transform=TRAIN, seed=1, prefetch=0).epoch(4))
     it = Loader(source, B, transform=TRAIN, seed=1, workers=2).epoch(4)
     assert _equal([next(it)], serial[:1])
+    # The first batch can come before the second worker is up on a loaded machine.
+    deadline = time.monotonic() + 60
+    while len(multiprocessing.active_children()) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
     assert len(multiprocessing.active_children()) >= before + 2
     assert _equal(serial[1:], list(it))
     it.close()

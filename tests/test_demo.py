@@ -30,7 +30,7 @@ def test_demo_writes_results_and_is_deterministic(tmp_path, capsys):
     assert done.returncode == 0, done.stderr
     log = done.stdout + done.stderr
     assert "\r" not in log
-    for line in ("dense: epoch 1/1, train loss", "SFPK 0.9: step 3/3, mean density G",
+    for line in ("dense: epoch 1/1, train loss", "SFPK 0.9: step 3/3, mean G",
                  "retrain sfpk 0.9: epoch 1/1", "retrain magnitude 0.9: epoch 1/1"):
         assert line in done.stdout, (line, log)
     records = json.loads((first / "results.json").read_text())

@@ -73,7 +73,7 @@ def test_pretrain_then_oneshot_on_digits(tmp_path):
     assert results["final_acc"] == accs[-1]
     assert results["mean_last5_acc"] == pytest.approx(np.mean(accs))
     assert results["best_acc"] == max(accs)
-    for name in ("accuracy.png", "density_per_layer.png", "sfpk_trace.png", "config.json"):
+    for name in ("accuracy.png", "sparsity_per_layer.png", "sfpk_trace.png", "config.json"):
         assert (out / name).stat().st_size > 0
     final = checkpoints.restore(out / "checkpoints" / "final")
     kernel = final["variables"]["params"]["Conv_1"]["kernel"]
@@ -386,7 +386,7 @@ def test_structured_oneshot_prunes_channels(tmp_path):
                                   "1", "--mask-dim", "out", "--scope", "local", "--sparsity", "0.75",
                                   "--out", str(out), *FAST]) == 0
     results = _results(out)
-    assert results["density_per_layer"]["Conv_1/kernel"] == pytest.approx(0.5)
+    assert results["sparsity_per_layer"]["Conv_1/kernel"] == pytest.approx(0.5)
     assert 0.4 < results["achieved_sparsity"] < 0.8
 
 

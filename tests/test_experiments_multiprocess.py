@@ -115,7 +115,7 @@ def test_two_processes_give_the_results_of_one(runs):
     _, two, one = runs
     many, single = _results(two), _results(one)
     assert many["mask_digest"] == single["mask_digest"]
-    assert many["density_per_layer"] == single["density_per_layer"]
+    assert many["sparsity_per_layer"] == single["sparsity_per_layer"]
     for key in ACCS:
         assert many[key] == pytest.approx(single[key], abs=ACC_TOLERANCE), key
     # Process 0 alone wrote the outputs; both took part in the orbax checkpoints.

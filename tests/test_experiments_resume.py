@@ -174,7 +174,7 @@ def test_smoke_alone_runs_on_digits_and_two_runs_write_the_same_files(tmp_path, 
     log = capsys.readouterr().out
     # --no-progress: one plain line per epoch and per 10 SFPK steps (and the last), no bars.
     for line in ("pretrain: epoch 1/1, train loss", "retrain: epoch 2/2, train loss",
-                 "SFPK sfpk-sfpk-0.95-seed0-0: step 3/3, mean density G"):
+                 "SFPK sfpk-sfpk-0.95-seed0-0: step 3/3, mean G"):
         assert log.count(line) == 2, (line, log)
     assert "\r" not in log
     config = json.loads((first / "config.json").read_text())

@@ -33,7 +33,7 @@ def _execute(name: str) -> list:
 def test_quickstart_notebook_runs():
     outputs = _execute("quickstart.ipynb")
     text = "".join(o.get("text", "") for o in outputs)
-    assert "kept fraction 0.1" in text
+    assert "sparsity 0.9000" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 2
 
@@ -41,7 +41,7 @@ def test_quickstart_notebook_runs():
 def test_nnx_notebook_prunes_and_retrains_an_nnx_model():
     outputs = _execute("nnx.ipynb")
     text = "".join(o.get("text", "") for o in outputs)
-    assert "kept fraction 0.1000" in text
+    assert "sparsity 0.9000" in text
     assert "pruned weights still exactly 0: True" in text
     assert "conv2/kernel" in text  # the density report names NNX paths without '/value'
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 1

@@ -97,7 +97,25 @@ def test_a_killed_worker_stops_the_run_with_a_clear_error(mlp, tmp_path):
     assert resumed.trace["E"].shape == (6, 2)
 
 
-def test_a_checkpoint_of_two_workers_resumes_under_loop_and_four_workers(cnn, tmp_path, caplog):
+class _Records(logging.Handler):
+    """Collects what one logger says (whether or not it propagates to the root)."""
+
+    def __init__(self, name: str):
+        super().__init__(logging.WARNING)
+        self.logger, self.messages = logging.getLogger(name), []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+    def __enter__(self):
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        self.logger.removeHandler(self)
+
+
+def test_a_checkpoint_of_two_workers_resumes_under_loop_and_four_workers(cnn, tmp_path):
     """The execution is not part of the simulation's fingerprint: a run
     checkpointed in processes mode with 2 workers continues under ``loop`` and
     under 4 workers (more than the cores here), announcing the change, and
@@ -120,10 +138,9 @@ def test_a_checkpoint_of_two_workers_resumes_under_loop_and_four_workers(cnn, tm
         folder = tmp_path / name
         with pytest.raises(ValueError, match="batches ran out at step 3"):
             run(two, folder, stop=3)
-        caplog.clear()
-        with caplog.at_level(logging.WARNING, logger="sfpk_jax.sfpk.resume"):
+        with _Records("sfpk_jax.sfpk.resume") as records:
             resumed = run(resumed_under, folder, resume=True)
-        announced = " ".join(r.getMessage() for r in caplog.records)
+        announced = " ".join(records.messages)
         assert "under another execution" in announced and "at step 3" in announced, announced
         assert resumed.trace["G"].shape == (steps, 4)
         for a, b in zip(jax.tree.leaves(whole.masks), jax.tree.leaves(resumed.masks)):

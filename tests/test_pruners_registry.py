@@ -1,4 +1,7 @@
-"""A user's own pruner: registered once, it runs through prune(...) and the experiments' --pruner."""
+"""A user's own pruner: registered once, it runs through prune(...) and the experiments' --pruner.
+
+The registry sits behind functions: register_pruner, names, spec and unregister_pruner.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,7 @@ import pytest
 import sfpk_jax
 from experiments import cifar100_oneshot
 from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax import pruners
 from sfpk_jax.pruners import score_pruner
 
 pytestmark = pytest.mark.slow
@@ -30,7 +34,8 @@ def registered():
     sfpk_jax.register_pruner("grad_magnitude", score_pruner(_largest_gradient_scores),
                              needs_data=True)
     yield "grad_magnitude"
-    del sfpk_jax.PRUNERS["grad_magnitude"]
+    pruners.unregister_pruner("grad_magnitude")
+    assert "grad_magnitude" not in pruners.names()
 
 
 def test_a_registered_pruner_runs_through_prune(registered, mlp):
@@ -38,7 +43,7 @@ def test_a_registered_pruner_runs_through_prune(registered, mlp):
     result = sfpk_jax.prune(registered, mlp.loss_fn, mlp.params, batches, 0.75)
     layout = MaskLayout.from_params(mlp.params)
     assert sfpk_jax.sparsity_of(result.masks) == int(0.75 * layout.total) / layout.total
-    assert sfpk_jax.PRUNERS[registered].needs_data
+    assert pruners.spec(registered).needs_data and registered in pruners.names()
 
 
 def test_registering_is_checked(registered):
@@ -48,6 +53,8 @@ def test_registering_is_checked(registered):
         sfpk_jax.register_pruner("other", lambda *a, **k: None, needs_gpu=True)
     with pytest.raises(ValueError, match="unknown pruner 'nope'"):
         sfpk_jax.prune("nope", None, {}, None, 0.5)
+    with pytest.raises(ValueError, match="unknown pruner 'nope'"):
+        pruners.unregister_pruner("nope")
 
 
 def test_a_registered_pruner_runs_from_the_command_line(registered, tmp_path):

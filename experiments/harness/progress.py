@@ -5,7 +5,9 @@ names it (``pretrain``, ``retrain``, ``SFPK sfpk-round1``, ...) and stays on
 screen when done. Otherwise (``--no-progress``, or stdout redirected to a
 file, as in a batch job) there are no bars, so a captured log holds no
 carriage-return updates; instead one time-stamped line per epoch and per 10
-SFPK steps goes to stdout, through the ``logging`` logger ``sfpk_jax``.
+SFPK steps goes to stdout, through the ``logging`` loggers ``experiments``
+(the runs' own lines) and ``sfpk_jax`` (the library's: SFPK's steps, and its
+warnings, e.g. a resume under another execution).
 """
 
 from __future__ import annotations
@@ -19,8 +21,9 @@ from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it 
 
 from experiments.harness.flags import bars
 
-LOG = logging.getLogger("experiments.harness")
-_PACKAGE_LOG = logging.getLogger("sfpk_jax")
+LOG = logging.getLogger("experiments")
+# The run's lines and the library's, both shown.
+_SHOWN = (LOG, logging.getLogger("sfpk_jax"))
 
 
 class _Stdout(logging.Handler):
@@ -38,14 +41,16 @@ class _Stdout(logging.Handler):
 
 
 def configure(args: argparse.Namespace) -> None:
-    """Shows the package's INFO lines on stdout when there are no bars (see :func:`bars`)."""
-    if not any(isinstance(h, _Stdout) for h in _PACKAGE_LOG.handlers):
-        handler = _Stdout()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
-        _PACKAGE_LOG.addHandler(handler)
-        # Not also through the root logger's handlers (absl installs one): once is enough.
-        _PACKAGE_LOG.propagate = False
-    _PACKAGE_LOG.setLevel(logging.WARNING if bars(args) else logging.INFO)
+    """Shows the run's and the library's INFO lines on stdout when there are no bars
+    (see :func:`bars`), their warnings always."""
+    for logger in _SHOWN:
+        if not any(isinstance(h, _Stdout) for h in logger.handlers):
+            handler = _Stdout()
+            handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
+            logger.addHandler(handler)
+            # Not also through the root logger's handlers (absl installs one): once is enough.
+            logger.propagate = False
+        logger.setLevel(logging.WARNING if bars(args) else logging.INFO)
 
 
 def bar(args: argparse.Namespace, **kwargs) -> tqdm:

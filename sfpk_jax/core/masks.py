@@ -260,6 +260,15 @@ def check_mask_shape(name: str, param_shape: tuple[int, ...], mask_shape: tuple[
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Multiplies each prunable parameter by its mask (broadcasting).
 
+    Example:
+
+    >>> import jax.numpy as jnp, sfpk_jax
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -2.0], [0.5, 3.0]])}}
+    >>> masks = {"dense": {"kernel": jnp.array([[0.0, 1.0], [1.0, 1.0]])}}
+    >>> sfpk_jax.apply_masks(params, masks)["dense"]["kernel"]
+    Array([[ 0. , -2. ],
+           [ 0.5,  3. ]], dtype=float32)
+
     Args:
       params: the parameter pytree.
       masks: a tree mirroring ``params`` with arrays at prunable leaves and
@@ -295,6 +304,12 @@ def sparsity_of(masks: PyTree, params: PyTree | None = None) -> float:
 
     The same quantity as the ``sparsity`` a pruner is asked for, so
     ``sparsity_of(prune(..., sparsity=0.95).masks) == 0.95`` up to rounding.
+
+    Example:
+
+    >>> import numpy as np, sfpk_jax
+    >>> sfpk_jax.sparsity_of({"dense": {"kernel": np.array([[0.0, 1.0], [1.0, 1.0]])}})
+    0.25
 
     Args:
       masks: a mask tree (``None`` at non-prunable leaves).

@@ -33,6 +33,17 @@ class SplitModel(NamedTuple):
 def split_nnx(model) -> SplitModel:
     """Splits a Flax NNX module into its ``nnx.Param`` state and a rebuild function.
 
+    Example:
+
+    >>> import sfpk_jax
+    >>> from flax import nnx
+    >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+    >>> split = sfpk_jax.split_nnx(model)
+    >>> masks = sfpk_jax.magnitude_prune(split.params, 0.5, prunable="kernel$")
+    >>> pruned = split.merge(sfpk_jax.apply_masks(split.params, masks))  # a new model
+    >>> int((pruned.kernel[...] == 0).sum()), int((model.kernel[...] == 0).sum())
+    (4, 0)
+
     Args:
       model: an ``nnx.Module``. Call ``model.train()`` first so that the
         rebuilt models normalise with batch statistics in the loss.
@@ -53,6 +64,16 @@ def split_nnx(model) -> SplitModel:
 
 def split_equinox(model) -> SplitModel:
     """Splits an Equinox module into its floating-point arrays and a rebuild function.
+
+    Example:
+
+    >>> import equinox as eqx, jax, sfpk_jax
+    >>> model = eqx.nn.Linear(4, 2, key=jax.random.key(0))
+    >>> split = sfpk_jax.split_equinox(model)
+    >>> masks = sfpk_jax.magnitude_prune(split.params, 0.5, prunable="weight$")
+    >>> pruned = split.merge(sfpk_jax.apply_masks(split.params, masks))
+    >>> int((pruned.weight == 0).sum())
+    4
 
     Args:
       model: an ``eqx.Module``. Stateful layers (``eqx.nn.BatchNorm``) keep

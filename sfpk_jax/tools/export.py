@@ -34,6 +34,18 @@ def save_masked(path: str | os.PathLike, params: PyTree, masks: PyTree, *,
                 overwrite: bool = False) -> None:
     """Writes ``apply_masks(params, masks)`` and ``masks`` to a safetensors file.
 
+    Example:
+
+    >>> import os, tempfile, jax, jax.numpy as jnp, sfpk_jax
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -2.0], [0.5, 3.0]])}}
+    >>> masks = sfpk_jax.magnitude_prune(params, 0.5)
+    >>> path = os.path.join(tempfile.mkdtemp(), "pruned.safetensors")
+    >>> sfpk_jax.save_masked(path, params, masks)
+    >>> like = jax.tree.map(jnp.zeros_like, params)  # a fresh model of the same shapes
+    >>> loaded, loaded_masks = sfpk_jax.load_masked(path, like)
+    >>> loaded["dense"]["kernel"].tolist(), loaded_masks["dense"]["kernel"].tolist()
+    ([[0.0, -2.0], [0.0, 3.0]], [[0.0, 1.0], [0.0, 1.0]])
+
     Args:
       path: the file to write.
       params: the parameters (any pytree of arrays).

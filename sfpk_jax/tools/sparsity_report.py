@@ -82,6 +82,22 @@ class SparsityReport(NamedTuple):
 def sparsity_report(masks: PyTree, params: PyTree) -> SparsityReport:
     """The sparsity of every masked parameter of ``params``, and in total.
 
+    Example:
+
+    >>> import jax.numpy as jnp, sfpk_jax
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -2.0], [0.5, 3.0]]),
+    ...                     "bias": jnp.array([0.2, -0.1])}}
+    >>> report = sfpk_jax.sparsity_report(sfpk_jax.magnitude_prune(params, 0.5), params)
+    >>> print(report)
+    parameter     shape  mask  weights  kept  sparsity
+    ------------  -----  ----  -------  ----  --------
+    dense/bias    2      2           2     0    1.0000
+    dense/kernel  2x2    2x2         4     3    0.2500
+    ------------  -----  ----  -------  ----  --------
+    total                            6     3    0.5000
+    >>> report.sparsity, report.as_dict()["layers"][1]["kept"]
+    (0.5, 3)
+
     Args:
       masks: a mask tree mirroring ``params`` (``None`` at leaves that are not
         pruned), e.g. ``result.masks``.

@@ -67,6 +67,19 @@ def masks_by_path(params: PyTree, masks: PyTree) -> dict[str, Any]:
 def keep_masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
     """``inner`` with pruned entries held at exactly 0.
 
+    Example:
+
+    >>> import jax, jax.numpy as jnp, numpy as np, optax, sfpk_jax
+    >>> params = {"dense": {"kernel": jnp.array([[0.1, -2.0], [0.5, 3.0]])}}
+    >>> masks = sfpk_jax.magnitude_prune(params, 0.5)  # keeps -2 and 3
+    >>> tx = sfpk_jax.keep_masked(optax.sgd(0.1, momentum=0.9), masks)
+    >>> state = tx.init(params)
+    >>> grads = jax.tree.map(jnp.ones_like, params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> new = optax.apply_updates(params, updates)  # 0.1 and 0.5 were pruned: exactly 0 now
+    >>> np.round(np.asarray(new["dense"]["kernel"], np.float64), 3).tolist()
+    [[0.0, -2.1], [0.0, 2.9]]
+
     Args:
       inner: any optax transformation (SGD, Adam, a chain with weight decay,
         ``optax.MultiSteps`` inside or outside, ...).

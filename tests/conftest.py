@@ -19,6 +19,7 @@ simulations carry the ``slow`` marker: ``pytest -m "not slow"`` is the quick run
 
 from __future__ import annotations
 
+import logging
 import os
 import warnings
 from collections.abc import Iterator
@@ -173,6 +174,20 @@ def _strict_dtype_promotion(request):
             yield
     else:
         yield
+
+
+@pytest.fixture(autouse=True)
+def _restore_loggers():
+    """The experiments' ``progress.configure`` sets up the library's and the runs' loggers
+    for a whole process; put them back after each test, so that no log line of one test
+    lands in another's output (a doctest's, say)."""
+    loggers = [logging.getLogger(name) for name in ("sfpk_jax", "experiments")]
+    saved = [(list(logger.handlers), logger.level, logger.propagate) for logger in loggers]
+    yield
+    for logger, (handlers, level, propagate) in zip(loggers, saved):
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,11 @@ The cases of an adversarial pass (issue 16) that need no training:
 * a dense checkpoint holding a NaN, or one that is not a checkpoint;
 * a resume on other data (the data's fingerprint in config.json);
 * a full disk recognised in OSErrors and in tensorstore's messages;
-* ``apply_masks`` given particles, a scalar or a transposed mask.
+* ``apply_masks`` given particles, a scalar or a transposed mask;
+* worker counts beyond 4 per core, and a compilation cache that is a file
+  or an unwritable folder (issue 24), refused before anything starts;
+* path flags resolved once, at parse time, so a relative path means the same
+  everywhere in the run.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import errno
 import json
 import pickle
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +34,11 @@ import pytest
 from test_data_cifar import make_cifar100
 
 from experiments import cifar100_oneshot, pretrain
-from experiments.harness import datafp, edge, flag_checks, outdir
+from experiments.harness import compile_cache, datafp, edge, flag_checks, outdir
 from sfpk_jax import apply_masks
 from sfpk_jax.data import load
 from sfpk_jax.models import build
+from sfpk_jax.parallel.worker_pool import max_workers
 from sfpk_jax.storage import checkpoint_files as checkpoints
 
 DIGITS = ["--dataset", "digits", "--model", "small_cnn", "--no-progress"]
@@ -127,6 +133,54 @@ def test_flags_out_of_range_are_refused_before_any_write(tmp_path, capsys, flag,
         [*DIGITS, "--pretrain-epochs", "1", flag, value, "--out", str(out)]))
     assert f"{flag}={value}" in err.replace("'", "") and expected in err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--particle-workers", "--data-workers"])
+def test_worker_counts_beyond_four_per_core_are_refused_before_anything_starts(tmp_path, capsys,
+                                                                               flag):
+    out, many = tmp_path / "o", str(max_workers() + 1)
+    extra = ["--particle-mode", "processes"] if flag == "--particle-workers" else []
+    err = _one_line_error(capsys, lambda: cifar100_oneshot.main(
+        [*DIGITS, "--pretrain-epochs", "1", *extra, flag, many, "--out", str(out)]))
+    assert f"{flag}={many}" in err.replace("'", "")
+    assert f"[{0 if flag == '--data-workers' else 1}, {max_workers()}]" in err
+    assert not out.exists()
+
+
+def test_particle_workers_belong_to_processes_mode(tmp_path, capsys):
+    err = _one_line_error(capsys, lambda: cifar100_oneshot.main(
+        [*DIGITS, "--pretrain-epochs", "1", "--particle-workers", "2", "--out", str(tmp_path / "o")]))
+    assert "--particle-workers=2 is not allowed" in err and "particle_mode='processes'" in err
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable", "environment"])
+def test_an_unusable_compile_cache_is_refused_before_any_write(tmp_path, capsys, monkeypatch, kind):
+    cache = tmp_path / "cache"
+    if kind == "file":
+        cache.write_text("not a folder")
+    else:
+        # /proc takes no new files, even from root (who ignores permission bits).
+        cache = Path("/proc/self/cache-here")
+    flags = ["--compile-cache", str(cache)]
+    if kind == "environment":
+        monkeypatch.setenv(compile_cache.ENV, str(cache))
+        flags = []
+    out = tmp_path / "o"
+    err = _one_line_error(capsys, lambda: pretrain.main([*DIGITS, *flags, "--out", str(out)]))
+    assert str(cache) in err and "--no-compile-cache" in err
+    assert not out.exists()
+    if kind == "environment":
+        assert compile_cache.ENV in err
+
+
+def test_path_flags_are_absolute_from_parse_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "dense").mkdir()
+    args = cifar100_oneshot.parse_args([*DIGITS, "--dense-checkpoint", "dense", "--out", "runs/x",
+                                        "--compile-cache", "~/c"])
+    assert args.dense_checkpoint == str(tmp_path / "dense")
+    assert args.out == str(tmp_path / "runs" / "x")
+    assert args.compile_cache == str(Path.home() / "c")
 
 
 def test_the_sparsity_range_is_that_of_the_model():

@@ -21,8 +21,10 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -180,3 +182,53 @@ def test_dataset_not_found_is_the_only_line(tmp_path):
     assert done.stderr.startswith("error: cifar100 not found") and done.stderr.count("\n") == 1, (
         done.stderr)
     assert not (tmp_path / "o").exists()
+
+
+def _workers_of(pid: int) -> list[int]:
+    """The SFPK worker processes (children running worker_main.py) of process ``pid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            if parent == pid and b"worker_main.py" in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_a_dead_worker_is_one_line_and_resume_under_loop_finishes(tmp_path):
+    """A SFPK worker killed mid-run: one line naming it and saying --resume continues, exit 1,
+    no traceback; the run then resumes under another execution (loop), which is announced."""
+    out = tmp_path / "run"
+    flags = ["--smoke", "--no-progress", "--steps", "400", "--checkpoint-every", "1",
+             "--out", str(out)]
+    sim = out / "checkpoints" / "sfpk-sfpk-0.95-seed0-0"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    with subprocess.Popen([sys.executable, "-m", "experiments.cifar100_oneshot", *flags,
+                           "--particle-mode", "processes", "--particle-workers", "2"],
+                          cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE) as run:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and run.poll() is None:
+            steps = [int(p.name) for p in sim.glob("[0-9]*") if p.name.isdigit()]
+            workers = _workers_of(run.pid)
+            if workers and steps and max(steps) >= 2:
+                os.kill(workers[0], signal.SIGKILL)
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"the run ended before a worker could be killed: {run.communicate()}")
+        _, err = run.communicate(timeout=300)
+    assert run.returncode == 1, err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"error: SFPK worker process 0 (pid {workers[0]}) died (exit code -9)")
+    assert str(sim) in err and "--resume" in err
+    assert not (out / "results.json").exists()
+    resumed = _run("experiments.cifar100_oneshot", *flags, "--resume", "--particle-mode", "loop")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "under another execution" in resumed.stdout, resumed.stdout
+    changes = json.loads((out / "config.json").read_text())["resume_changes"]
+    assert {"flag": "--particle-mode", "old": "processes", "new": "loop"} in changes
+    assert json.loads((out / "results.json").read_text())["achieved_sparsity"] == pytest.approx(
+        0.95, abs=1e-3)

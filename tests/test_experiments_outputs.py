@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PolyCollection
 
 import sfpk_jax
@@ -243,6 +244,40 @@ def test_sfpk_trace_draws_targets_and_the_particles_spread(tmp_path):
     assert dashed == {0.1, 0.02}
     assert "90% sparsity: 5 particles" in _legend(ax_g)
     assert "98% sparsity: target 0.02" in _legend(ax_g)
+
+
+def _overlaps_axes(fig, ax) -> bool:
+    """Whether ``ax``'s legend covers any of the axes' plotting area (as saved)."""
+    canvas = FigureCanvasAgg(fig)  # the saved figure was closed: draw it again as it was
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    legend = ax.get_legend().get_window_extent(renderer)
+    return legend.overlaps(ax.get_window_extent(renderer))
+
+
+def test_trace_legends_hide_no_data_even_when_g_rises_above_one(tmp_path):
+    # imagenet_iterative --smoke: 3 steps at r = 5.5 take G up to about 7.
+    steps, particles = 3, 2
+    g = np.array([[1.0, 1.0], [3.5, 3.0], [7.2, 6.5]])
+    traces = {"round 1": {"G": g, "E": np.ones((steps, particles))},
+              "round 2": {"G": g[::-1] / 2, "E": np.ones((steps, particles))}}
+    fig = plots.sfpk_trace(traces, str(tmp_path / "t.png"), targets={"round 1": 0.5})
+    for ax in fig.axes:
+        assert not _overlaps_axes(fig, ax)
+    low, high = fig.axes[0].get_ylim()
+    assert low <= 0.5 and high >= 7.2  # every particle's G inside the axes
+
+
+def test_layer_sparsity_shows_a_layer_at_zero_and_its_legend_covers_nothing(tmp_path):
+    fig = plots.layer_sparsity({"Conv_0/kernel": 0.0, "Conv_1/kernel": 1.0, "Dense_0/kernel": 0.5},
+                               str(tmp_path / "d.png"), overall=0.6)
+    ax = fig.axes[0]
+    ticks = [c for c in ax.collections if c.get_label() == "its value"]
+    assert len(ticks) == 1 and not ticks[0].get_clip_on()
+    np.testing.assert_array_equal(ticks[0].get_offsets(), [[0, 0.0], [1, 1.0], [2, 0.5]])
+    low, high = ax.get_ylim()
+    assert low <= 0.0 and high > 1.0
+    assert not _overlaps_axes(fig, ax)
 
 
 def test_accuracy_over_epochs_marks_pruning_with_integer_epochs(tmp_path):

@@ -119,7 +119,7 @@ def test_apply_masks_keeps_param_dtype():
 def test_masks_not_mirroring_params_raise(mixed_params):
     masks = ones_like_masks(mixed_params)
     broken = {k: v for k, v in masks.items() if k != "head"}
-    with pytest.raises(ValueError, match="mirror"):
+    with pytest.raises(ValueError, match="the masks have no leaf head/"):
         apply_masks(mixed_params, broken)
     layout = MaskLayout.from_params(mixed_params)
     with pytest.raises(ValueError, match="mirror"):
@@ -140,11 +140,15 @@ def test_sparsity_of_counts_removed_entries(mixed_params):
 
 def test_sparsity_of_broadcast_channel_masks_needs_params():
     params = {"Conv_0": {"kernel": jnp.ones((3, 3, 2, 4))}}
-    masks = {"Conv_0": {"kernel": np.array([1.0, 0.0, 0.0, 1.0])}}  # one entry per output channel
+    # One entry per output channel, in the kernel's rank.
+    masks = {"Conv_0": {"kernel": np.array([1.0, 0.0, 0.0, 1.0]).reshape(1, 1, 1, 4)}}
     assert sparsity_of(masks) == 0.5
     assert sparsity_of(masks, params) == 0.5
-    masks = {"Conv_0": {"kernel": np.array([1.0, 0.0, 0.0, 0.0])}}
+    masks = {"Conv_0": {"kernel": np.array([1.0, 0.0, 0.0, 0.0]).reshape(1, 1, 1, 4)}}
     assert sparsity_of(masks, params) == 0.75
+    # A mask of another rank would broadcast in numpy, but it is refused as everywhere else.
+    with pytest.raises(ValueError, match=r"Conv_0/kernel has shape \(4,\)"):
+        sparsity_of({"Conv_0": {"kernel": np.ones(4)}}, params)
 
 
 def test_sparsity_of_empty_tree_raises():

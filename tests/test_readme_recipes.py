@@ -1,10 +1,11 @@
-"""The README's "Your own model" recipes (Linen, NNX, Equinox) run as they are written."""
+"""The README's quickstart and docs/your_model.md's recipes (Linen, NNX, Equinox) run as written."""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,17 +14,60 @@ from sfpk_jax.core.masks import MaskLayout
 
 pytestmark = pytest.mark.slow
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+YOUR_MODEL = ROOT / "docs" / "your_model.md"
+# The README's promise: a quickstart short enough to read at a glance.
+QUICKSTART_LINES = 20
+
+
+def _section(path: Path, start: str, end: str) -> str:
+    text = path.read_text()
+    return text[text.index(start):text.index(end, text.index(start))]
+
+
+def _quickstart() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", _section(README, "## Quickstart", "\n## "), flags=re.S)
+    assert len(blocks) == 1, "the README's quickstart is one python block"
+    return blocks[0]
 
 
 def _recipes() -> dict[str, str]:
-    text = README.read_text()
-    section = text[text.index("## Your own model"):text.index("### The API")]
+    section = _section(YOUR_MODEL, "# Your own model", "## Which weights are pruned")
     blocks = re.findall(r"\*\*([^*]+)\*\*.*?```python\n(.*?)```", section, flags=re.S)
     return {name: code for name, code in blocks}
 
 
-def test_the_readme_has_the_three_recipes():
+def _run(code: str, where: str, name: str) -> dict:
+    namespace = {"__name__": name}
+    exec(compile(code, where, "exec"), namespace)
+    return namespace
+
+
+def _check_pruned_and_retrained(masks, params, initial) -> None:
+    """Exactly 90% of the prunable weights removed, zeros kept, the kept weights trained."""
+    layout = MaskLayout.from_params(params)
+    assert sfpk_jax.sparsity_of(masks, params) == int(0.9 * layout.total) / layout.total
+    for path, p, m in zip(layout.paths, layout.gather(params), layout.gather(masks)):
+        assert np.all(np.asarray(p)[np.asarray(m) == 0] == 0), path
+    before = [np.asarray(x) for x in layout.gather(initial)]
+    moved = [not np.allclose(a, np.asarray(b)) for a, b in zip(before, layout.gather(params))]
+    assert any(moved)  # retraining changed the kept weights
+
+
+def test_the_quickstart_is_short():
+    assert len(_quickstart().splitlines()) <= QUICKSTART_LINES
+
+
+def test_quickstart_prunes_to_the_target_and_retrains_with_zeros_kept(capsys):
+    namespace = _run(_quickstart(), "README.md (quickstart)", "readme_quickstart")
+    # Retrained in place: the same seed rebuilds the initial weights.
+    initial = namespace["model"].init(jax.random.key(0), namespace["data"].x_train[:1])["params"]
+    _check_pruned_and_retrained(namespace["masks"], namespace["params"], initial)
+    assert "total" in capsys.readouterr().out  # the sparsity report was printed
+
+
+def test_your_model_has_the_three_recipes():
     assert list(_recipes()) == ["Flax Linen", "Flax NNX", "Equinox"]
 
 
@@ -31,21 +75,14 @@ def test_the_readme_has_the_three_recipes():
 def test_recipe_prunes_to_the_target_and_retrains_with_zeros_kept(name, capsys):
     if name == "Equinox":
         pytest.importorskip("equinox")
-    namespace = {"__name__": f"readme_{name.split()[-1].lower()}"}
-    exec(compile(_recipes()[name], f"README.md ({name})", "exec"), namespace)
-    masks = namespace["masks"]
-    params = (namespace["params"] if name != "Flax NNX"
-              else namespace["nnx"].state(namespace["model"], namespace["nnx"].Param))
-    layout = MaskLayout.from_params(params)
-    assert sfpk_jax.sparsity_of(masks, params) == int(0.9 * layout.total) / layout.total
-    for path, p, m in zip(layout.paths, layout.gather(params), layout.gather(masks)):
-        assert np.all(np.asarray(p)[np.asarray(m) == 0] == 0), path
+    namespace = _run(_recipes()[name], f"docs/your_model.md ({name})",
+                     f"your_model_{name.split()[-1].lower()}")
     if name == "Flax NNX":  # trained in place: the same seed rebuilds the initial weights
         nnx = namespace["nnx"]
+        params = nnx.state(namespace["model"], nnx.Param)
         initial = nnx.state(namespace["CNN"](nnx.Rngs(0)), nnx.Param)
     else:
+        params = namespace["params"]
         initial = namespace["split"].params if "split" in namespace else namespace["variables"]["params"]
-    before = [np.asarray(x) for x in layout.gather(initial)]
-    moved = [not np.allclose(a, np.asarray(b)) for a, b in zip(before, layout.gather(params))]
-    assert any(moved)  # retraining changed the kept weights
-    assert "total" in capsys.readouterr().out  # the density report was printed
+    _check_pruned_and_retrained(namespace["masks"], params, initial)
+    assert "total" in capsys.readouterr().out  # the sparsity report was printed

@@ -55,9 +55,9 @@ def enable(directory: str | os.PathLike) -> Path:
     return directory
 
 
-def add_flags(group) -> None:
-    """``--compile-cache DIR`` and ``--no-compile-cache``."""
-    group.add_argument("--compile-cache", default=None, metavar="DIR",
+def add_flags(group, path_type=str) -> None:
+    """``--compile-cache DIR`` and ``--no-compile-cache``; ``path_type`` reads the folder."""
+    group.add_argument("--compile-cache", default=None, metavar="DIR", type=path_type,
                        help=f"folder of JAX's persistent compilation cache (default: ${ENV}, else "
                             "$XDG_CACHE_HOME/sfpk_jax/jax or ~/.cache/sfpk_jax/jax); a second "
                             "run with the same shapes skips most compilation")
@@ -65,9 +65,14 @@ def add_flags(group) -> None:
                        help=f"leave the persistent compilation cache off (as {ENV}=off does)")
 
 
-def configure(args: argparse.Namespace) -> Path | None:
-    """Turns the cache on as the flags of :func:`add_flags` say; returns its folder or None."""
+def directory(args: argparse.Namespace) -> Path | None:
+    """The cache folder the flags of :func:`add_flags` name (None: off)."""
     if args.no_compile_cache:
         return None
-    directory = Path(args.compile_cache).expanduser() if args.compile_cache else default_dir()
-    return None if directory is None else enable(directory)
+    return Path(args.compile_cache) if args.compile_cache else default_dir()
+
+
+def configure(args: argparse.Namespace) -> Path | None:
+    """Turns the cache on as the flags of :func:`add_flags` say; returns its folder or None."""
+    folder = directory(args)
+    return None if folder is None else enable(folder)

@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from experiments.harness import compile_cache
 from experiments.harness.distributed import launch, main_first
 from experiments.harness.flags import (
     execution,
@@ -25,6 +26,7 @@ from sfpk_jax import ConfigError, Execution, SFPKConfig, pruners
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import DATASETS
 from sfpk_jax.models import build, registered
+from sfpk_jax.parallel.worker_pool import max_workers
 
 # What --smoke sets the common size flags to when they are not given; scripts
 # add their own.
@@ -110,6 +112,13 @@ def out_problem(path: str) -> str | None:
             out / "config.json").exists():
         return ("a folder other than the current directory, which holds other files (an empty "
                 "current directory, or one that holds a run, is fine)")
+    return folder_problem(out)
+
+
+def folder_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be (or become) a writable folder, or None; creates nothing but an
+    unnamed probe file, removed at once."""
+    out = Path(path)
     if out.exists() and not out.is_dir():
         return "a directory (it is a file)"
     probe = out
@@ -131,6 +140,18 @@ def out_check(args: argparse.Namespace) -> Check:
     return Check("--out", args.out, problem is None, problem or "")
 
 
+def compile_cache_check(args: argparse.Namespace) -> Check:
+    """The compilation cache's folder (the flag's, the environment's or the default) is usable."""
+    directory = compile_cache.directory(args)
+    problem = None if directory is None else folder_problem(directory)
+    source = (f"--compile-cache={args.compile_cache!r}" if args.compile_cache else
+              f"the compilation cache folder {str(directory)!r} (from ${compile_cache.ENV} or the "
+              "default)")
+    return Check("--compile-cache", args.compile_cache, problem is None,
+                 f"{problem}, for {source}; name another folder, or pass --no-compile-cache"
+                 if problem else "")
+
+
 def common_checks(args: argparse.Namespace) -> list[Check]:
     """The flags of ``add_common_flags`` that :class:`SFPKConfig` does not check."""
     devices = jax.device_count()
@@ -148,8 +169,9 @@ def common_checks(args: argparse.Namespace) -> list[Check]:
         *positive_ints(args, "prune_batch_size", "batch_size", "epochs", "bn_batches",
                        "checkpoint_every", "checkpoint_steps", "synflow_iterations",
                        "mesh_batch"),
-        Check("--data-workers", args.data_workers, _int(args.data_workers) and args.data_workers >= 0,
-              "an integer >= 0"),
+        Check("--data-workers", args.data_workers,
+              _int(args.data_workers) and 0 <= args.data_workers <= max_workers(),
+              f"an integer in [0, {max_workers()}] (4 worker processes per core at most)"),
         Check("--conv-chunk", args.conv_chunk,
               args.conv_chunk is None or (_int(args.conv_chunk) and args.conv_chunk >= 0),
               "an integer >= 0"),
@@ -168,7 +190,7 @@ def common_checks(args: argparse.Namespace) -> list[Check]:
         Check("--data-dir", args.data_dir, args.data_dir is None or Path(args.data_dir).is_dir(),
               f"an existing directory that holds --dataset={args.dataset} (CIFAR: the folder "
               "into which cifar-*-python.tar.gz was extracted, or a tfds data_dir; see the "
-              "README's Data section)"),
+              "Data section of docs/experiments.md)"),
         Check("--dense-checkpoint", args.dense_checkpoint,
               args.dense_checkpoint is None or Path(args.dense_checkpoint).is_dir(),
               "an existing checkpoint folder (e.g. OUT/checkpoints/dense of experiments.pretrain)"),
@@ -283,7 +305,8 @@ def finish_args(parser: argparse.ArgumentParser, argv,
             other = args.dense_checkpoint or (dense_flag and getattr(args, dense_flag))
             args.pretrain_epochs = 0 if other else SMOKE["pretrain_epochs"]
     require([*common_checks(args), *(process_checks(args) if needs_dense else []),
-             *(c for more in checks for c in more(args)), out_check(args)])
+             *(c for more in checks for c in more(args)), out_check(args),
+             compile_cache_check(args)])
     check_config(args)
     # The default resolved here, so that config.json records the chunk used and
     # a --resume on another backend announces the change: 32 on CPU (measured

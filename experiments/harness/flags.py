@@ -26,10 +26,16 @@ NO_PROGRESS_HELP = ("no progress bars: one plain line per epoch and per 10 SFPK 
                     "(also the case when stdout is not a terminal)")
 
 
-def fail(message: str) -> typing.NoReturn:
-    """Stops the run with one line on stderr and exit code 2 (no traceback)."""
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """Stops the run with one line on stderr (no traceback).
+
+    Args:
+      message: the line (whitespace, newlines included, collapses to spaces).
+      code: the exit code: 2 (the default) for a refusal of the flags, the
+        data or the state of ``--out``; 1 for a failure along the way.
+    """
     print(f"error: {' '.join(str(message).split())}", file=sys.stderr)
-    raise SystemExit(2)
+    raise SystemExit(code)
 
 
 def one_line_errors(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +44,16 @@ def one_line_errors(parser: argparse.ArgumentParser) -> None:
 
 
 def path_arg(text: str) -> str:
-    """A path flag's value with ``~`` and environment variables expanded (``--data-dir=~/data``)."""
-    return os.path.expandvars(os.path.expanduser(text))
+    """A path flag's value: ``~`` and environment variables expanded (``--data-dir=~/data``),
+    then made absolute.
+
+    Resolved once, here, against the directory the command runs in: the run
+    and the libraries it calls (orbax reads a relative checkpoint folder as
+    empty) then see one absolute path, and config.json records it. An empty
+    value stays empty, for the checks to refuse.
+    """
+    expanded = os.path.expandvars(os.path.expanduser(text))
+    return os.path.abspath(expanded) if expanded.strip() else expanded
 
 
 def flag_name(dest: str) -> str:
@@ -230,7 +244,7 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
                         "unless --model is, the first 256/128 examples, and tiny sizes for the "
                         "size flags not given (flags given are kept as given)")
     g.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
-    compile_cache.add_flags(g)
+    compile_cache.add_flags(g, path_arg)
     s = parser.add_argument_group("SFPK (defaults: the paper's)")
     add_config_flags(s, "steps", "particles", **config)
     s.add_argument("--prune-batch-size", type=int, default=d["prune_batch_size"],

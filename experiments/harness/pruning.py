@@ -2,17 +2,31 @@
 
 from __future__ import annotations
 
+import sys
 import time
+import traceback
+import typing
 from typing import Any, NamedTuple
 
 import jax
+import numpy as np
 
 from experiments.harness.flags import execution, fail, sfpk_config
 from experiments.harness.outdir import DAMAGED, checkpoint_dir, slug
 from experiments.harness.progress import LOG
-from sfpk_jax import CheckpointPolicy, PruneResult, ResumeError, SFPKResult, prune
+from sfpk_jax import (
+    CheckpointPolicy,
+    PruneResult,
+    ResumeError,
+    SFPKResult,
+    WorkerError,
+    prune,
+    sparsity_of,
+)
+from sfpk_jax.core import channels, topk
+from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import particle_loader
-from sfpk_jax.pruners import spec
+from sfpk_jax.pruners import PrunerOutputError, spec
 from sfpk_jax.storage import checkpoint_files
 from sfpk_jax.train import make_loss_fn
 
@@ -141,12 +155,68 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
     except FloatingPointError as err:
         fail(f"pruning with {method} diverged: {err}. {DIVERGED_FIX}")
     except ResumeError as err:
-        fail(str(err))
+        fail(f"{err.problem}. Resume the run with its own flags plus --resume, or start it again "
+             "with --overwrite")
+    except WorkerError as err:
+        fail(f"{_worker_failure(err)}. The simulation's checkpoints in {err.directory} are kept: "
+             "rerun the same command with --resume to continue from them", code=1)
+    except PrunerOutputError as err:
+        fail(f"{err}; nothing was saved", code=1)
+    except Exception as err:  # noqa: BLE001 - the pruner's own failure (a registered one, say)
+        _pruner_raised(method, err)
     finally:
         # Endless streams: their worker processes stop only when closed.
         for iterator in opened:
             iterator.close()
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
     seconds = time.perf_counter() - t0
+    _check_reached(method, result.masks, variables["params"], sparsity, args.scope,
+                   args.mask_dim)
     LOG.info("%s %s: pruned in %.1f s", method, name, seconds)
     return Pruned(result.masks, result, seconds)
+
+
+def _worker_failure(err: WorkerError) -> str:
+    """What happened to the worker, in a few words (the library's message says it at length)."""
+    if err.worker is None:
+        return f"SFPK's worker processes failed ({str(err).split(';')[0]})"
+    if err.code is None:
+        last = str(err).strip().splitlines()[-1]
+        return f"SFPK worker process {err.worker} (pid {err.pid}) failed: {last}"
+    return f"SFPK worker process {err.worker} (pid {err.pid}) died (exit code {err.code})"
+
+
+# Printed above a failing pruner's own traceback, so the one-line error stays first.
+TRACEBACK_MARKER = "---- the pruner's traceback (for debugging it) ----"
+
+
+def _pruner_raised(method: str, err: Exception) -> typing.NoReturn:
+    """One line naming the pruner and its error, then its traceback below a marker; exit 1."""
+    print(f"error: pruner {method!r} raised {type(err).__name__}: "
+          f"{' '.join(str(err).split()) or '(no message)'}; nothing was saved", file=sys.stderr)
+    print(TRACEBACK_MARKER, file=sys.stderr)
+    traceback.print_exception(err, file=sys.stderr)
+    raise SystemExit(1)
+
+
+def _check_reached(method: str, masks, params, sparsity: float, scope: str, mask_dim) -> None:
+    """Exit 1 when the masks remove fewer entries than ``sparsity`` asks, before anything is saved.
+
+    Counted as the pruners count: mask entries (channels for channel masks),
+    over all prunable leaves (global scope) or per leaf (local scope). A
+    pruner may remove more (weights that were zero already are never kept),
+    never fewer.
+    """
+    layout = MaskLayout.from_params(params, None, mask_dim)
+    wanted = topk.remove_counts(layout.mask_sizes,
+                                channels.mask_sparsity(sparsity, mask_dim is not None), scope)
+    removed = [0 if m is None else int(np.sum(np.asarray(m) == 0)) for m in layout.gather(masks)]
+    short = ([("all prunable leaves", sum(removed), wanted, sum(layout.mask_sizes))]
+             if scope == "global" else
+             [(p, r, w, n) for p, r, w, n in zip(layout.paths, removed, wanted, layout.mask_sizes)])
+    for where, got, want, size in short:
+        if got < want:
+            unit = "channels" if mask_dim is not None else "entries"
+            fail(f"pruner {method!r} returned masks that remove {got} of the {size} {unit} of "
+                 f"{where}, fewer than --sparsity={sparsity:g} asks ({want}; the masks' sparsity "
+                 f"is {sparsity_of(masks, params):.4f}); no result is saved", code=1)

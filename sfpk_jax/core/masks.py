@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfpk_jax.core import channels
+from sfpk_jax.core.mask_checks import check_values, named_masks, path_to_str
 
 PyTree = Any
 # A callable may return (out_axis, in_axis) instead of True: the leaf is
@@ -26,25 +27,6 @@ Prunable = Union[None, str, Callable[[str, Any], Union[bool, tuple[int, int]]]]
 # Names the frameworks give their weights: Flax (Linen and NNX) ``kernel``,
 # Equinox ``weight`` (Equinox also names norm scales ``weight``: rank 1).
 _WEIGHT_NAMES = ("kernel", "weight")
-
-
-def _key_name(entry) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
-def path_to_str(path) -> str:
-    """Joins a jax key path into ``'Conv_0/kernel'`` form.
-
-    A trailing ``.value`` attribute (how Flax NNX variables flatten) is
-    dropped, so that a rule reads the same path on Linen, NNX and Equinox.
-    """
-    path = tuple(path)
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    return "/".join(_key_name(e) for e in path)
 
 
 def _is_none(x) -> bool:
@@ -243,20 +225,6 @@ class MaskLayout:
         return jax.tree_util.tree_unflatten(self.treedef, full)
 
 
-def check_mask_shape(name: str, param_shape: tuple[int, ...], mask_shape: tuple[int, ...]) -> None:
-    """Raises unless a mask of ``mask_shape`` broadcasts over ``param_shape`` keeping it.
-
-    Same rank, each axis equal or 1: so a stack of particles, a scalar or a
-    transposed mask is refused rather than silently reshaping the parameter.
-    """
-    if len(mask_shape) != len(param_shape) or any(
-            b not in (1, a) for a, b in zip(param_shape, mask_shape)):
-        raise ValueError(
-            f"the mask of {name or '<root>'} has shape {tuple(mask_shape)}, which does not "
-            f"broadcast to the parameter's shape {tuple(param_shape)} (same rank, each axis "
-            "equal or 1): pass the masks of these params (e.g. result.masks, not particles)")
-
-
 def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
     """Multiplies each prunable parameter by its mask (broadcasting).
 
@@ -279,24 +247,19 @@ def apply_masks(params: PyTree, masks: PyTree) -> PyTree:
 
     Raises:
       ValueError: the trees differ, or a mask does not broadcast over its
-        parameter without changing its shape (the leaf is named).
+        parameter without changing its shape, or holds other values than 0
+        and 1 (the leaf is named; see :mod:`sfpk_jax.core.mask_checks`).
     """
 
-    def mul(path, m, p):
-        if m is None:
-            return p
-        check_mask_shape(path_to_str(path), np.shape(p), np.shape(m))
-        return p * jnp.asarray(m, dtype=p.dtype)
+    by_path = named_masks(masks, params)
 
-    try:
-        return jax.tree_util.tree_map_with_path(mul, masks, params, is_leaf=_is_none)
-    except (ValueError, TypeError) as err:
-        if "broadcast to the parameter" in str(err):
-            raise
-        raise ValueError(
-            "masks do not mirror params: build them from the same params tree "
-            f"(use None for leaves that are not pruned). Details: {err}"
-        ) from None
+    def mul(path, p):
+        name = path_to_str(path)
+        if name not in by_path:
+            return p
+        return p * jnp.asarray(by_path[name][0], dtype=p.dtype)
+
+    return jax.tree_util.tree_map_with_path(mul, params)
 
 
 def sparsity_of(masks: PyTree, params: PyTree | None = None) -> float:
@@ -304,6 +267,9 @@ def sparsity_of(masks: PyTree, params: PyTree | None = None) -> float:
 
     The same quantity as the ``sparsity`` a pruner is asked for, so
     ``sparsity_of(prune(..., sparsity=0.95).masks) == 0.95`` up to rounding.
+    It counts the masks, not the weights: a model trained without
+    :func:`sfpk_jax.keep_masked` can hold non-zero pruned entries that this
+    does not see; :func:`sfpk_jax.sparsity_report` counts those (``regrown``).
 
     Example:
 
@@ -313,31 +279,26 @@ def sparsity_of(masks: PyTree, params: PyTree | None = None) -> float:
 
     Args:
       masks: a mask tree (``None`` at non-prunable leaves).
-      params: needed only for masks that broadcast over their parameter
-        (channel masks): each mask entry then counts for the entries it covers.
+      params: needed for masks that broadcast over their parameter (channel
+        masks): each mask entry then counts for the entries it covers; with
+        it, the masks are checked against the params as everywhere else.
 
     Returns:
       removed / total over all masked parameters, as a Python float.
+
+    Raises:
+      ValueError: a mask holds other values than 0 and 1, or does not fit
+        ``params`` (the leaf is named), or no leaf holds a mask.
     """
-    for path, m in jax.tree_util.tree_flatten_with_path(masks)[0]:
-        values = np.asarray(m)
-        other = values[(values != 0) & (values != 1)]
-        if other.size:
-            raise ValueError(
-                f"sparsity_of takes 0/1 masks, but leaf {path_to_str(path) or '<root>'} holds "
-                f"{float(other.flat[0])!r}: pass the masks (e.g. result.masks), not params or scores")
     if params is None:
-        leaves = [m for m in jax.tree_util.tree_leaves(masks) if m is not None]
-        kept = sum(int(np.count_nonzero(np.asarray(m))) for m in leaves)
+        check_values(masks)
+        leaves = [np.asarray(m) for m in jax.tree_util.tree_leaves(masks)]
+        kept = sum(int(np.count_nonzero(m)) for m in leaves)
         total = sum(int(np.size(m)) for m in leaves)
     else:
-        pairs = jax.tree.map(
-            lambda m, p: None if m is None else (m, p), masks, params, is_leaf=_is_none
-        )
         kept = total = 0
-        for m, p in jax.tree_util.tree_leaves(pairs, is_leaf=lambda x: isinstance(x, tuple)):
-            covered = np.broadcast_to(np.asarray(m) != 0, np.shape(p))
-            kept += int(np.count_nonzero(covered))
+        for m, p in named_masks(masks, params).values():
+            kept += int(np.count_nonzero(np.broadcast_to(np.asarray(m) != 0, np.shape(p))))
             total += int(np.size(p))
     if total == 0:
         raise ValueError("sparsity_of an empty mask tree: no leaf holds a mask")

@@ -30,7 +30,20 @@ WORKERS_PER_CORE = 4
 
 
 class WorkerError(RuntimeError):
-    """A worker process died, or its function raised (the message says which, and why)."""
+    """A worker process died, or its function raised (the message says which, and why).
+
+    Attributes:
+      worker: the worker's index in its pool (None: the pool as a whole).
+      pid: its process id, when known.
+      code: its exit code (None: still running, or not known).
+      directory: for a simulation that checkpoints, the folder of the
+        checkpoints written so far (they are kept).
+    """
+
+    def __init__(self, message: str, *, worker: int | None = None, pid: int | None = None,
+                 code: int | None = None, directory=None):
+        super().__init__(message)
+        self.worker, self.pid, self.code, self.directory = worker, pid, code, directory
 
 
 def local_cores() -> list[int]:
@@ -127,8 +140,8 @@ class WorkerPool:
         tail = log.read().decode(errors="replace").strip().splitlines()[-5:]
         return WorkerError(
             f"worker process {k} (pid {proc.pid}) died (exit code {code})"
-            + (f"; its last output: {' | '.join(tail)}" if tail else "")
-        )
+            + (f"; its last output: {' | '.join(tail)}" if tail else ""),
+            worker=k, pid=proc.pid, code=code)
 
     def _send(self, k: int, message: Any) -> None:
         if not self._procs:
@@ -145,7 +158,8 @@ class WorkerPool:
         except (EOFError, pickle.UnpicklingError, OSError):
             raise self._died(k) from None
         if status != "ok":
-            raise WorkerError(f"worker process {k} failed:\n{value}")
+            raise WorkerError(f"worker process {k} failed:\n{value}", worker=k,
+                              pid=self._procs[k].pid)
         return value
 
     def load(self, exported: bytes, shared: tuple) -> None:

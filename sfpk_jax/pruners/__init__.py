@@ -14,6 +14,7 @@ from sfpk_jax.pruners.adapter import score_pruner
 from sfpk_jax.pruners.magnitude import magnitude_prune
 from sfpk_jax.pruners.registry import (
     PruneResult,
+    PrunerOutputError,
     PrunerSpec,
     PruningResult,
     names,
@@ -23,5 +24,6 @@ from sfpk_jax.pruners.registry import (
     unregister_pruner,
 )
 
-__all__ = ["PruneResult", "PrunerSpec", "PruningResult", "magnitude_prune", "masks_from_scores",
-           "names", "prune", "register_pruner", "score_pruner", "spec", "unregister_pruner"]
+__all__ = ["PruneResult", "PrunerOutputError", "PrunerSpec", "PruningResult", "magnitude_prune",
+           "masks_from_scores", "names", "prune", "register_pruner", "score_pruner", "spec",
+           "unregister_pruner"]

@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 
 from sfpk_jax.core.channels import MaskDim
+from sfpk_jax.core.mask_checks import named_masks
 from sfpk_jax.core.masks import Prunable
 from sfpk_jax.core.topk import Scope
 
@@ -41,6 +42,18 @@ class PruningResult(Protocol):
     def masks(self) -> Any: ...
 
 
+class PrunerOutputError(ValueError):
+    """A pruner returned something that is not a result with 0/1 masks fitting the params.
+
+    Attributes:
+      pruner: the pruner's registered name.
+    """
+
+    def __init__(self, pruner: str, problem: str):
+        super().__init__(f"pruner {pruner!r} returned {problem}")
+        self.pruner = pruner
+
+
 class PruneResult(NamedTuple):
     """What a one-shot pruner returns (a :class:`PruningResult`).
 
@@ -58,7 +71,7 @@ class PrunerSpec(NamedTuple):
       fn: the pruner (signature :data:`PrunerFn`).
       needs_data: it reads ``batches`` (leading particle axis on every leaf).
       simulation: a particle simulation (SFPK-like): it takes the options
-        ``config``, ``init``, ``checkpoint`` and ``mesh``, ``batches`` may be
+        ``config``, ``execution``, ``init`` and ``checkpoint``, ``batches`` may be
         a function ``start -> iterable``, and it returns an
         :class:`sfpk_jax.SFPKResult`.
       particles: the leading axis of its batches: an int, or None for the
@@ -197,7 +210,20 @@ def prune(
         See :mod:`sfpk_jax.pruners.baselines`.
 
     Returns:
-      A :class:`PruningResult`: its ``.masks`` mirror ``params``.
+      A :class:`PruningResult`: its ``.masks`` mirror ``params``, 0/1 (checked).
+
+    Raises:
+      PrunerOutputError: the pruner returned no ``.masks``, or masks that do
+        not fit ``params`` or hold other values than 0 and 1 (NaN included);
+        the message names the pruner and the leaf.
     """
-    return spec(method).fn(loss_fn, params, batches, sparsity, prunable=prunable, scope=scope,
-                           key=key, mask_dim=mask_dim, **options)
+    result = spec(method).fn(loss_fn, params, batches, sparsity, prunable=prunable, scope=scope,
+                             key=key, mask_dim=mask_dim, **options)
+    if not isinstance(result, PruningResult):
+        raise PrunerOutputError(method, f"a {type(result).__name__}, not a result with .masks "
+                                        "(return a PruneResult(masks))")
+    try:
+        named_masks(result.masks, params)
+    except ValueError as err:
+        raise PrunerOutputError(method, f"masks that are not usable: {err}") from None
+    return result

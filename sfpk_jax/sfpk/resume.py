@@ -32,7 +32,17 @@ _LOG = logging.getLogger(__name__)
 
 
 class ResumeError(ValueError):
-    """A simulation checkpoint is missing, unreadable, or from a different run."""
+    """A simulation checkpoint is missing, unreadable, or from a different run.
+
+    Attributes:
+      problem: what is wrong, without the advice (a caller with its own
+        vocabulary, such as a command line, adds its own).
+      directory: the checkpoint folder.
+    """
+
+    def __init__(self, problem: str, directory, advice: str):
+        super().__init__(f"{problem}; {advice}")
+        self.problem, self.directory = problem, directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,14 +122,14 @@ class SimulationCheckpoints:
         try:
             latest = self.series.latest()
         except checkpoint_files.CheckpointError as err:
-            raise ResumeError(f"{err}; choose a writable folder for SFPK checkpoints") from None
+            raise ResumeError(str(err), self.directory,
+                              "choose a writable folder for SFPK checkpoints") from None
         if latest is not None and not policy.resume:
             self.series.close()
             raise ResumeError(
                 f"{self.directory} already holds SFPK checkpoints (up to step {latest}) of an "
-                "earlier run: resume it (CheckpointPolicy(..., resume=True)), or remove the "
-                "folder to start again"
-            )
+                "earlier run", self.directory,
+                "resume it (CheckpointPolicy(..., resume=True)), or remove the folder to start again")
 
     def restore(self, template) -> tuple[Any, dict[str, list]] | None:
         """The latest state and trace, or None when there is no checkpoint yet.
@@ -138,20 +148,20 @@ class SimulationCheckpoints:
         step = self.series.latest()
         if step is None:
             return None
-        fix = "remove it to resume from the one before, or remove the folder to start again"
         try:
             record = self.series.record(step)
             diffs = self._files.differences(record["fingerprint"], self.fingerprint)
             if diffs:
                 raise ResumeError(
                     f"SFPK checkpoint {self.directory / str(step)} is from a different run: "
-                    + "; ".join(diffs)
-                    + ". Resume with the original config, sparsity and weights, or remove the "
-                    "folder to start again"
-                )
+                    + "; ".join(diffs), self.directory,
+                    "resume with the original config, sparsity and weights, or remove the "
+                    "folder to start again")
             state, _ = self.series.restore(step, template)
         except self._files.CheckpointError as err:
-            raise ResumeError(f"SFPK {err}; {fix}") from None
+            raise ResumeError(f"SFPK {err}", self.directory,
+                              "remove that step to resume from the one before, or remove the "
+                              "folder to start again") from None
         changed = self._files.differences(record.get("execution", {}), self.execution)
         if changed:
             _LOG.warning("resuming the SFPK simulation in %s at step %d under another execution "

@@ -255,7 +255,9 @@ def sfpk_prune(
         kept = (f"the last checkpoint in {checkpoints.directory} is kept: run again with the same "
                 "checkpoint policy to resume from it" if checkpoints is not None
                 else "pass checkpoint= to keep the progress of a long run")
-        raise WorkerError(f"SFPK (particle_mode='processes'): {err}; {kept}") from err
+        raise WorkerError(f"SFPK (particle_mode='processes'): {err}; {kept}", worker=err.worker,
+                          pid=err.pid, code=err.code,
+                          directory=None if checkpoints is None else checkpoints.directory) from err
     finally:
         if checkpoints is not None:
             checkpoints.close()

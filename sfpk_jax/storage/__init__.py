@@ -1,1 +1,1 @@
-"""Files and checkpoints: atomic writes, run locks, orbax checkpoints."""
+"""Files and checkpoints: atomic writes, orbax checkpoints."""

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from sfpk_jax.core.mask_checks import named_masks
 from sfpk_jax.core.masks import apply_masks, path_to_str
 from sfpk_jax.storage import files
 
@@ -91,8 +92,9 @@ def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
 
     Raises:
       FileNotFoundError: no file at ``path``.
-      ValueError: not such a file, or a parameter is missing, extra or of
-        another shape or dtype (named).
+      ValueError: not such a file; a parameter is missing, extra, of another
+        shape or dtype, or holds NaN or Inf; a mask is for a parameter the
+        model lacks, does not fit its parameter, or is not 0/1 (each named).
     """
     import safetensors
 
@@ -111,8 +113,11 @@ def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
     named = _named_leaves(like)
     expected = {PARAMS + name for name, _ in named}
     extra = sorted(k for k in tensors if k.startswith(PARAMS) and k not in expected)
+    extra += sorted(k for k in tensors if k.startswith(MASKS)
+                    and PARAMS + k.removeprefix(MASKS) not in expected)
     if extra:
-        raise ValueError(f"{path} holds parameters this model does not have: {extra[:5]}")
+        raise ValueError(f"{path} holds tensors for parameters this model does not have: "
+                         f"{extra[:5]}: is it from another model?")
     params, masks = [], []
     for name, leaf in named:
         key = PARAMS + name
@@ -122,8 +127,18 @@ def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
         if value.shape != np.shape(leaf) or value.dtype != np.asarray(leaf).dtype:
             raise ValueError(f"parameter {name} in {path} is {value.dtype}{list(value.shape)}, "
                              f"the model's is {np.asarray(leaf).dtype}{list(np.shape(leaf))}")
+        if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
+            raise ValueError(f"parameter {name} in {path} holds "
+                             f"{int(np.sum(~np.isfinite(value)))} NaN or Inf values: the file "
+                             "is damaged, or was not written by save_masked (which refuses them)")
         params.append(jnp.asarray(value))
         mask = tensors.get(MASKS + name)
         masks.append(None if mask is None else jnp.asarray(mask))
     treedef = jax.tree_util.tree_structure(like)
-    return jax.tree_util.tree_unflatten(treedef, params), jax.tree_util.tree_unflatten(treedef, masks)
+    params, masks = (jax.tree_util.tree_unflatten(treedef, params),
+                     jax.tree_util.tree_unflatten(treedef, masks))
+    try:
+        named_masks(masks, params)
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    return params, masks

@@ -100,7 +100,7 @@ def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str, *,
     Returns:
       The Figure.
     """
-    fig, (ax_g, ax_e) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_g, ax_e) = plt.subplots(1, 2, figsize=(11, 5.2))
     targets = targets or {}
     for i, (label, trace) in enumerate(traces.items()):
         g, e = np.asarray(trace["G"]), np.asarray(trace["E"])
@@ -117,12 +117,13 @@ def sfpk_trace(traces: Mapping[str, Mapping[str, np.ndarray]], path: str, *,
     ax_e.set_ylabel(TRACE_ENERGY_LABEL)
     ax_e.set_title("each particle's loss on its mini-batch (line: mean, band: min to max)",
                    fontsize=9)
-    # Density falls to the right and the loss rises: the opposite corners stay clear.
-    for ax, corner in ((ax_g, "upper right"), (ax_e, "upper left")):
+    for ax in (ax_g, ax_e):
         ax.set_xlabel("SFPK step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc=corner)
+        # Below the axes: inside, it covers the curves wherever they go (G can
+        # rise above 1 when the steps are large).
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
     fig.suptitle(title or "SFPK particles", fontsize=10)
     return _save(fig, path)
 
@@ -157,7 +158,7 @@ def accuracy_over_epochs(rows: Sequence[Mapping], path: str, *,
     ax.set_ylabel("test accuracy (top-1)")
     ax.set_title(title or "test accuracy per epoch", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # beside: covers nothing
     return _save(fig, path)
 
 
@@ -175,11 +176,16 @@ def layer_sparsity(sparsity: Mapping[str, float], path: str, *, overall: float |
       The Figure.
     """
     names = list(sparsity)
+    values = [sparsity[n] for n in names]
     fig, ax = plt.subplots(figsize=(max(6.5, 0.3 * len(names)), 4.5))
-    ax.bar(range(len(names)), [sparsity[n] for n in names], label="layer")
+    ax.bar(range(len(names)), values, label="layer")
+    # A tick on every bar's top, so that a layer at 0 (left dense) shows too.
+    ax.scatter(range(len(names)), values, marker="_", s=120, color="k", zorder=3, clip_on=False,
+               label="its value")
+    ax.set_ylim(0, 1.05)
     if overall is not None:
         ax.axhline(overall, color="C3", ls="--", lw=1, label=f"all layers: {overall:.3g}")
-        ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=8 if len(names) <= 20 else 6)
     ax.set_ylabel("sparsity (removed share of the layer)")
     ax.set_title(title or "sparsity per layer", fontsize=10)

@@ -1,19 +1,21 @@
-"""Per-layer sparsity of a mask tree: the numbers behind "how sparse is my model?".
+"""Per-layer sparsity of a pruned model: what the masks remove, and what the weights hold.
 
 :func:`sparsity_report` counts, for every masked parameter, the weights it
-has and the weights its mask keeps (a channel mask counts every weight it
-covers), and the totals. The report is data (a NamedTuple, ``as_dict`` for
-JSON) and prints as a table.
+has, the weights its mask keeps (a channel mask counts every weight it
+covers), the weights that are non-zero as the parameter is now, and the
+pruned entries that are non-zero: *regrown*, the sign of training without
+:func:`sfpk_jax.keep_masked` (or of masks that are not this model's). The
+report is data (a NamedTuple, ``as_dict`` for JSON) and prints as a table
+that flags every layer with regrown entries.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import jax
 import numpy as np
 
-from sfpk_jax.core.masks import path_to_str
+from sfpk_jax.core.mask_checks import named_masks
 
 PyTree = Any
 
@@ -27,7 +29,10 @@ class LayerSparsity(NamedTuple):
       mask_shape: the mask's shape (smaller than ``shape`` for channel masks).
       weights: the parameter's entries.
       kept: the entries its mask keeps.
-      sparsity: the fraction it removes, ``1 - kept / weights``.
+      sparsity: the fraction the mask removes, ``1 - kept / weights``.
+      nonzero: the parameter's non-zero entries, as it is now.
+      regrown: pruned entries (mask 0) that are non-zero now: 0 for a model
+        trained under its masks.
     """
 
     path: str
@@ -36,6 +41,8 @@ class LayerSparsity(NamedTuple):
     weights: int
     kept: int
     sparsity: float
+    nonzero: int
+    regrown: int
 
 
 class SparsityReport(NamedTuple):
@@ -44,92 +51,98 @@ class SparsityReport(NamedTuple):
     Attributes:
       layers: one row per masked parameter, in the params tree's order.
       weights: all entries of the masked parameters.
-      kept: the entries kept.
-      sparsity: the fraction removed, ``1 - kept / weights``.
+      kept: the entries the masks keep.
+      sparsity: the fraction the masks remove, ``1 - kept / weights``.
+      nonzero: the non-zero entries of the parameters as they are.
+      regrown: pruned entries that are non-zero, over all layers.
     """
 
     layers: tuple[LayerSparsity, ...]
     weights: int
     kept: int
     sparsity: float
+    nonzero: int
+    regrown: int
 
     def as_dict(self) -> dict[str, Any]:
         """A JSON-able dict: the totals and ``layers`` as a list of dicts."""
-        return {"weights": self.weights, "kept": self.kept, "sparsity": self.sparsity,
-                "layers": [{**row._asdict(), "shape": list(row.shape),
-                            "mask_shape": list(row.mask_shape)} for row in self.layers]}
+        totals = {k: getattr(self, k) for k in ("weights", "kept", "sparsity", "nonzero", "regrown")}
+        return {**totals, "layers": [{**row._asdict(), "shape": list(row.shape),
+                                      "mask_shape": list(row.mask_shape)} for row in self.layers]}
 
     def table(self) -> str:
-        """The report as a plain-text table, one line per parameter and a total."""
-        header = ("parameter", "shape", "mask", "weights", "kept", "sparsity")
+        """The report as a plain-text table, one line per parameter and a total.
+
+        A layer with pruned entries that are non-zero ends in ``regrown: N``.
+        """
+        header = ("parameter", "shape", "mask", "weights", "kept", "nonzero", "sparsity", "")
         rows = [(r.path, "x".join(map(str, r.shape)) or "()",
                  "x".join(map(str, r.mask_shape)) or "()", f"{r.weights:,}", f"{r.kept:,}",
-                 f"{r.sparsity:.4f}") for r in self.layers]
-        rows.append(("total", "", "", f"{self.weights:,}", f"{self.kept:,}", f"{self.sparsity:.4f}"))
+                 f"{r.nonzero:,}", f"{r.sparsity:.4f}", _flag(r.regrown)) for r in self.layers]
+        rows.append(("total", "", "", f"{self.weights:,}", f"{self.kept:,}", f"{self.nonzero:,}",
+                     f"{self.sparsity:.4f}", _flag(self.regrown)))
         widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
         lines = []
         for n, row in enumerate([header, *rows]):
-            lines.append("  ".join(c.ljust(w) if i < 3 else c.rjust(w)
+            lines.append("  ".join(c.ljust(w) if i < 3 or i == 7 else c.rjust(w)
                                    for i, (c, w) in enumerate(zip(row, widths))).rstrip())
             if n in (0, len(rows) - 1):
-                lines.append("  ".join("-" * w for w in widths))
+                lines.append("  ".join("-" * w for w in widths[:-1]))  # the flag needs none
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
 
 
+def _flag(regrown: int) -> str:
+    return f"regrown: {regrown:,}" if regrown else ""
+
+
 def sparsity_report(masks: PyTree, params: PyTree) -> SparsityReport:
-    """The sparsity of every masked parameter of ``params``, and in total.
+    """The sparsity of every masked parameter of ``params``, and the weights as they are.
 
     Example:
 
     >>> import jax.numpy as jnp, sfpk_jax
     >>> params = {"dense": {"kernel": jnp.array([[0.1, -2.0], [0.5, 3.0]]),
     ...                     "bias": jnp.array([0.2, -0.1])}}
-    >>> report = sfpk_jax.sparsity_report(sfpk_jax.magnitude_prune(params, 0.5), params)
-    >>> print(report)
-    parameter     shape  mask  weights  kept  sparsity
-    ------------  -----  ----  -------  ----  --------
-    dense/bias    2      2           2     0    1.0000
-    dense/kernel  2x2    2x2         4     3    0.2500
-    ------------  -----  ----  -------  ----  --------
-    total                            6     3    0.5000
-    >>> report.sparsity, report.as_dict()["layers"][1]["kept"]
-    (0.5, 3)
+    >>> masks = sfpk_jax.magnitude_prune(params, 0.5)
+    >>> print(sfpk_jax.sparsity_report(masks, params))  # the weights were not masked yet
+    parameter     shape  mask  weights  kept  nonzero  sparsity
+    ------------  -----  ----  -------  ----  -------  --------
+    dense/bias    2      2           2     0        2    1.0000  regrown: 2
+    dense/kernel  2x2    2x2         4     3        4    0.2500  regrown: 1
+    ------------  -----  ----  -------  ----  -------  --------
+    total                            6     3        6    0.5000  regrown: 3
+    >>> report = sfpk_jax.sparsity_report(masks, sfpk_jax.apply_masks(params, masks))
+    >>> report.sparsity, report.nonzero, report.regrown
+    (0.5, 3, 0)
 
     Args:
       masks: a mask tree mirroring ``params`` (``None`` at leaves that are not
         pruned), e.g. ``result.masks``.
-      params: the parameters the masks belong to (their shapes give the
-        weights a channel mask covers).
+      params: the parameters the masks belong to, as they are now (their
+        shapes give the weights a channel mask covers; their values the
+        non-zero and regrown counts).
 
     Returns:
       A :class:`SparsityReport`.
 
     Raises:
-      ValueError: the trees do not match, or a mask does not broadcast to its
-        parameter (the leaf is named), or no leaf holds a mask.
+      ValueError: the masks do not fit ``params``, or hold other values than
+        0 and 1 (the leaf is named), or no leaf holds a mask.
     """
-    flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-    try:
-        mask_leaves = treedef.flatten_up_to(masks)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"masks do not mirror params ({err}): pass the masks of these "
-                         "params (None at leaves that are not pruned)") from None
     rows = []
-    for (path, p), m in zip(flat, mask_leaves):
-        if m is None:
-            continue
-        name, shape, m = path_to_str(path), tuple(np.shape(p)), np.asarray(m)
-        try:
-            covered = np.broadcast_to(m != 0, shape)
-        except ValueError:
-            raise ValueError(f"the mask of {name} has shape {m.shape}, which does not broadcast "
-                             f"to the parameter's shape {shape}") from None
+    for name, (m, p) in named_masks(masks, params).items():
+        shape, values = tuple(np.shape(p)), np.asarray(p)
+        covered = np.broadcast_to(np.asarray(m) != 0, shape)
         weights, kept = int(np.prod(shape)), int(np.count_nonzero(covered))
-        rows.append(LayerSparsity(name, shape, m.shape, weights, kept, (weights - kept) / max(weights, 1)))
+        rows.append(LayerSparsity(name, shape, tuple(np.shape(m)), weights, kept,
+                                  (weights - kept) / max(weights, 1),
+                                  int(np.count_nonzero(values)),
+                                  int(np.count_nonzero(values[~covered]))))
     if not rows:
         raise ValueError("no leaf of the mask tree holds a mask")
     weights, kept = sum(r.weights for r in rows), sum(r.kept for r in rows)
-    return SparsityReport(tuple(rows), weights, kept, (weights - kept) / weights)
+    return SparsityReport(tuple(rows), weights, kept, (weights - kept) / weights,
+                          sum(r.nonzero for r in rows), sum(r.regrown for r in rows))

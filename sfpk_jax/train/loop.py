@@ -13,12 +13,13 @@ import optax
 from jax.experimental import multihost_utils
 from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
 
+from sfpk_jax.core.mask_checks import named_masks
 from sfpk_jax.core.masks import apply_masks
 from sfpk_jax.data.arrays import batch_iterator
 from sfpk_jax.models import ApplyFn
 from sfpk_jax.parallel import sharding as sharding_lib
 from sfpk_jax.train.losses import cross_entropy
-from sfpk_jax.train.masked import keep_masked, masks_by_path
+from sfpk_jax.train.masked import keep_masked
 
 PyTree = Any
 
@@ -195,7 +196,7 @@ def train_epoch(
       ValueError: with a mesh, when a batch does not split evenly over it.
     """
     if masks is not None:
-        masks_by_path(variables["params"], masks)
+        named_masks(masks, variables["params"])
     if mesh is not None:
         # jit partitions the step from its inputs' shardings (SPMD): replicated
         # state and a batch split over the devices make it data-parallel, and

@@ -13,55 +13,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
-from sfpk_jax.core.masks import check_mask_shape, path_to_str
+from sfpk_jax.core.mask_checks import check_values, named_masks, path_to_str
 
 PyTree = Any
 
 
 def _is_none(x) -> bool:
     return x is None
-
-
-def masks_by_path(params: PyTree, masks: PyTree) -> dict[str, Any]:
-    """The masks keyed by their parameters' paths, checked against ``params``.
-
-    Matching by path rather than by tree structure lets the same masks serve
-    wherever the params come in another wrapping: NNX passes the optimizer
-    plain arrays where the masks hold ``nnx.Param`` variables.
-
-    Args:
-      params: the parameter pytree.
-      masks: a tree mirroring ``params``, an array at each pruned leaf and
-        ``None`` elsewhere.
-
-    Returns:
-      ``{path: mask}`` for the pruned leaves.
-
-    Raises:
-      ValueError: naming the first leaf of ``params`` that the masks lack, a
-        mask with no parameter, or a mask that does not broadcast against its
-        parameter without changing its shape.
-    """
-    shapes = {path_to_str(p): np.shape(x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]}
-    flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]
-    named = {path_to_str(p): m for p, m in flat}
-    for name in shapes:
-        if name not in named:
-            raise ValueError(
-                f"the masks have no leaf {name or '<root>'} of the params: build the masks from "
-                "the same params tree (None at leaves that are not pruned)")
-    by_path = {}
-    for name, m in named.items():
-        if m is None:
-            continue
-        if name not in shapes:
-            raise ValueError(f"the masks hold {name or '<root>'}, which the params do not have")
-        check_mask_shape(name, shapes[name], np.shape(m))
-        by_path[name] = m
-    return by_path
 
 
 def keep_masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.GradientTransformation:
@@ -93,15 +53,21 @@ def keep_masked(inner: optax.GradientTransformation, masks: PyTree) -> optax.Gra
       A transformation whose state is ``inner``'s. Its ``update`` needs
       ``params``; after ``optax.apply_updates`` every pruned entry is 0, from
       the first update on.
+
+    Raises:
+      ValueError: (here) a mask holds other values than 0 and 1; (at
+        ``init``) the masks do not fit the params. The leaf is named.
     """
+    check_values(masks)
     inner = optax.with_extra_args_support(inner)
 
     def init(params):
-        masks_by_path(params, masks)
+        named_masks(masks, params)
         return inner.init(params)
 
     def mask_each(fn, tree, *rest):
-        by_path = masks_by_path(tree, masks)
+        # Checked when made: here, every update, only matched to the tree.
+        by_path = {name: m for name, (m, _) in named_masks(masks, tree, values=False).items()}
         return jax.tree_util.tree_map_with_path(
             lambda path, x, *r: fn(by_path.get(path_to_str(path)), x, *r), tree, *rest)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import types
 
+import numpy as np
 import pytest
 
 from benchmarks import compare_pruners
@@ -50,12 +51,14 @@ def test_synflow_iterations_flag(tmp_path, capsys):
 
 def test_synflow_iterations_reach_synflow_only(monkeypatch):
     seen = {}
+    params = {"Dense_0": {"kernel": np.ones((4, 4), np.float32)}}
+    removed = {"Dense_0": {"kernel": np.zeros((4, 4), np.float32)}}  # more than asked: fine
     monkeypatch.setattr(pruning, "prune", lambda method, *a, **kw: seen.setdefault(method, kw)
-                        and types.SimpleNamespace(masks={}))
+                        and types.SimpleNamespace(masks=removed))
     args = types.SimpleNamespace(pruner="synflow", synflow_iterations=5, scope="global", seed=0,
                                  mask_dim=None)
     bundle = types.SimpleNamespace(image_shape=(8, 8, 1))
-    pruning._prune(args, bundle, None, {"params": {}}, 0.9, None, 0, "x")
+    pruning._prune(args, bundle, None, {"params": params}, 0.9, None, 0, "x")
     assert seen["synflow"]["iterations"] == 5
     rows = [{"pruner": "synflow", "sparsity": 0.9, "acc_pruned": 0.5, "acc_pruned_std": 0.0,
              "acc_retrained": 0.6, "acc_retrained_std": 0.0, "prune_seconds": 1.0}]

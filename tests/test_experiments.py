@@ -185,7 +185,7 @@ BAD_FLAGS = [
     ("oneshot", ["--mask-dim", "diag"], "--mask-dim", "diag"),
     ("oneshot", ["--mask-dim", "out"], "--mask-dim", "local"),
     ("oneshot", ["--seed", "-1"], "--seed", "an integer in [0, "),
-    ("oneshot", ["--data-workers", "-1"], "--data-workers", ">= 0"),
+    ("oneshot", ["--data-workers", "-1"], "--data-workers", "in [0, "),
     ("oneshot", ["--conv-chunk", "-1"], "--conv-chunk", ">= 0"),
     ("pretrain", ["--checkpoint-steps", "0"], "--checkpoint-steps", ">= 1"),
     ("oneshot", ["--pretrain-epochs", "-1"], "--pretrain-epochs", ">= 0"),

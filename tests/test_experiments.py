@@ -334,6 +334,26 @@ def test_resume_with_other_flags_lists_every_difference(tmp_path, capsys):
     assert (out / "config.json").read_text() == before
 
 
+def test_resume_may_change_how_a_run_executes_but_not_what_it_computes(tmp_path, capsys):
+    """The execution flags (their own group of --help) may change on --resume, announced and
+    recorded; a flag of what SFPK computes may not, and is named."""
+    argv = [*DIGITS, *FAST, "--out", str(tmp_path / "o")]
+    out = _config_only_run(tmp_path, argv)
+    with pytest.raises(SystemExit) as exc:
+        harness.start(cifar100_oneshot.parse_args([*argv, "--resume", "--vote-momentum", "0.2",
+                                                   "--particle-mode", "vmap"]))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--vote-momentum was 0.1, now 0.2" in err and "--particle-mode" not in err
+    harness.start(cifar100_oneshot.parse_args([*argv, "--resume", "--particle-mode", "vmap",
+                                               "--compute-dtype", "bfloat16"]))
+    err = capsys.readouterr().err
+    assert "warning: resuming with --particle-mode='vmap' (the run used 'loop')" in err
+    assert "--compute-dtype='bfloat16'" in err
+    changes = json.loads((out / "config.json").read_text())["resume_changes"]
+    assert {c["flag"] for c in changes} == {"--particle-mode", "--compute-dtype"}
+
+
 def test_resume_of_a_finished_run_does_nothing(tmp_path, capsys):
     argv = [*DIGITS, *FAST, "--out", str(tmp_path / "o")]
     out = _config_only_run(tmp_path, argv)

@@ -55,7 +55,8 @@ class Execution:
     particle_mode: ParticleMode = field("loop", "how particles go through the model (shard: "
                                         "split over the devices; processes: over worker "
                                         "processes)")
-    workers: int | None = field(None, "worker processes of processes mode (default: one per core)")
+    workers: int | None = field(None, "worker processes of processes mode (default: one per core; "
+                                      "at most 4 per core)")
     particle_chunk: int = field(1, "particles per chunk in map mode (bounds memory)")
     mesh: Any = field(None, "the devices of shard mode (default: as many as evenly share the "
                             "particles)")

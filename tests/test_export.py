@@ -7,17 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from test_interop import FRAMEWORKS
+from test_sparsity_report import _params
 
 import sfpk_jax
 from sfpk_jax.tools.export import load_masked, save_masked
-
-
-def _params():
-    rng = np.random.default_rng(0)
-    return {"Conv_0": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
-                       "bias": jnp.zeros(4)},
-            "Dense_0": {"kernel": jnp.asarray(rng.standard_normal((16, 5)), jnp.float32),
-                        "bias": jnp.asarray(rng.standard_normal(5), jnp.float32)}}
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -27,6 +27,7 @@ from sfpk_jax.core import channels, topk
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import particle_loader
 from sfpk_jax.pruners import PrunerOutputError, spec
+from sfpk_jax.sfpk.state import TRACE_FIELDS
 from sfpk_jax.storage import checkpoint_files
 from sfpk_jax.train import make_loss_fn
 
@@ -80,6 +81,8 @@ def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None
         "variables_sha256": checkpoint_files.tree_digest(variables),
         "init_sha256": None if init is None else checkpoint_files.tree_digest(
             (init.particles, init.scores)),
+        # What a simulation's result holds: a checkpoint of other fields is not this code's.
+        "trace_fields": list(TRACE_FIELDS) if simulation else None,
     }
     with checkpoint_files.Series(checkpoint_dir(args) / f"prune-{name}") as series:
         if args.resume:
@@ -93,7 +96,7 @@ def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None
                              "inputs, or pass --overwrite to start again")
                     if simulation:
                         result = SFPKResult(state["masks"], state["scores"], state["particles"],
-                                            _restored_trace(state["trace"]))
+                                            dict(state["trace"]))
                     else:
                         result = PruneResult(state["masks"])
                     return Pruned(result.masks, result, float(record["seconds"]))
@@ -106,13 +109,6 @@ def prune_model(args, bundle, apply_fn, variables, sparsity: float, *, init=None
                         trace=dict(pruned.result.trace))
         series.save(0, tree, {"fingerprint": fingerprint, "seconds": pruned.seconds})
     return pruned
-
-
-def _restored_trace(saved: dict) -> dict:
-    """A checkpointed trace under the spec's symbols (older runs named G ``density``, E ``energy``,
-    K ``repulsion``)."""
-    renamed = {"sparsity": "G", "density": "G", "energy": "E", "repulsion": "K"}
-    return {renamed.get(key, key): value for key, value in saved.items()}
 
 
 def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name) -> Pruned:

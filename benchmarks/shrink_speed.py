@@ -79,7 +79,8 @@ def hidden_kernels(module, mask_dim: str):
     else:
         convs = [f"layers_{i}/conv/kernel" for i, s in enumerate(module.plan) if s != vgg.POOL]
         paths = set(convs) if mask_dim == "out" else {*convs[1:], "fc/kernel"}
-    return lambda path, leaf: path in paths
+    # Flax kernels, (..., in, out): their channel axes, given (the benchmark knows its modules).
+    return lambda path, leaf: (leaf.ndim - 1, leaf.ndim - 2) if path in paths else False
 
 
 def eval_fn(module):

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 import sfpk_jax
 from experiments.harness import rundir
+from sfpk_jax.core.layers import trace_layers
 from sfpk_jax.models import build
 from sfpk_jax.storage import files
 from sfpk_jax.tools.flops import layer_costs, summary
@@ -32,8 +33,13 @@ def model_report(name: str, sparsity: float, mask_dim: str) -> dict:
     shape = INPUTS.get(name, (32, 32, 3))
     num_classes = 1000 if name in INPUTS else 100
     apply_fn, variables = build(name, num_classes=num_classes, input_shape=(1, *shape))
-    masks = sfpk_jax.magnitude_prune(variables["params"], sparsity, scope="local", mask_dim=mask_dim)
-    rows = layer_costs(apply_fn, variables, jnp.zeros((1, *shape)), masks)
+    x = jnp.zeros((1, *shape))
+    # The model's layers (each weight's channel axes; the classifier keeps its classes).
+    layers = trace_layers(lambda p, b: apply_fn({**variables, "params": p}, b, False)[0].sum(),
+                          variables["params"], x)
+    masks = sfpk_jax.magnitude_prune(variables["params"], sparsity, scope="local",
+                                     prunable=layers, mask_dim=mask_dim)
+    rows = layer_costs(apply_fn, variables, x, masks)
     return {"model": name, "input_shape": shape, "sparsity": sparsity, "mask_dim": mask_dim,
             "layers": [r._asdict() for r in rows], "total": summary(rows)}
 

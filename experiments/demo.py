@@ -34,6 +34,7 @@ from sfpk_jax.train import (
     recompute_batch_stats,
     sgd_cosine,
     train_epoch,
+    zoo_forward,
 )
 
 PRUNERS = ("sfpk", "magnitude")
@@ -172,9 +173,9 @@ def _run(args) -> int:
             pruned = {**dense, "params": sfpk_jax.apply_masks(dense["params"], masks)}
             bn_batches = batch_iterator(data.x_train, data.y_train, args.batch_size,
                                         seed=(args.seed, index, 1))
-            pruned = recompute_batch_stats(
-                apply_fn, pruned, (b for _, b in zip(range(args.bn_batches), bn_batches))
-            )
+            pruned["batch_stats"] = recompute_batch_stats(
+                zoo_forward(apply_fn, pruned), pruned["batch_stats"],
+                (b for _, b in zip(range(args.bn_batches), bn_batches)))
             acc_pruned = evaluate(apply_fn, pruned, data.x_test, data.y_test)
             retrained = fit(
                 args, apply_fn, pruned, data, epochs=args.retrain_epochs, masks=masks,

@@ -16,7 +16,8 @@ The public API:
 * masks: :func:`apply_masks`, :func:`sparsity_of`, :func:`sparsity_report`;
 * your own model and loop: :func:`split_nnx`, :func:`split_equinox` (Linen
   needs nothing), :func:`keep_masked` (masked training as an optax
-  transformation), :func:`save_masked` and :func:`load_masked`;
+  transformation), :func:`recompute_batch_stats` (batch norm after pruning),
+  :func:`save_masked` and :func:`load_masked`;
 * errors: :class:`ConfigError`, :class:`ResumeError`, :class:`WorkerError`.
 
 The pure step (``initial_state``, ``sfpk_update``, ``make_stepper``) is in
@@ -42,6 +43,7 @@ from sfpk_jax.sfpk import (
 )
 from sfpk_jax.tools.export import load_masked, save_masked
 from sfpk_jax.tools.sparsity_report import sparsity_report
+from sfpk_jax.train.batchnorm import recompute_batch_stats
 from sfpk_jax.train.masked import keep_masked
 
 __all__ = [
@@ -59,6 +61,7 @@ __all__ = [
     "load_masked",
     "magnitude_prune",
     "prune",
+    "recompute_batch_stats",
     "register_pruner",
     "save_masked",
     "sfpk_prune",

@@ -34,6 +34,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from experiments.harness import compile_cache
+from sfpk_jax.core.layers import Layers, trace_layers
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_numpy_dtype_promotion", "standard")
@@ -157,6 +158,20 @@ class TinyModel:
     def batches_list(self, n: int, steps: int, **kw) -> list[dict]:
         it = self.particle_batches(n, **kw)
         return [next(it) for _ in range(steps)]
+
+    @property
+    def layers(self) -> Layers:
+        """The model's layers, read off its loss (what channel masks need)."""
+        return trace_layers(self.loss_fn, self.params, self.batch(np.random.default_rng(0), 2))
+
+
+def flax_axes(path: str, leaf) -> bool | tuple[int, int]:
+    """A ``prunable`` for hand-made trees of Flax-named leaves (no model to read layers off):
+    kernels ``(..., in, out)`` take channel masks, biases are selected (and follow them)."""
+    name = path.rpartition("/")[2]
+    if name == "kernel" and np.ndim(leaf) >= 2:
+        return np.ndim(leaf) - 1, np.ndim(leaf) - 2
+    return name == "bias"
 
 
 def _as_float64(tree):

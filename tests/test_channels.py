@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import flax_axes
 
 import sfpk_jax
 from sfpk_jax.core import functional, voting
@@ -31,13 +32,15 @@ def _params():
     ("in", (1, 1, 2, 1), (4, 1)),
 ])
 def test_mask_shapes_broadcast_over_kernels(mask_dim, conv, dense):
-    layout = MaskLayout.from_params(_params(), mask_dim=mask_dim)
+    layout = MaskLayout.from_params(_params(), flax_axes, mask_dim=mask_dim)
     shapes = dict(zip(layout.paths, layout.mask_shapes))
-    assert shapes == {"Conv_0/kernel": conv, "Dense_0/bias": (5,), "Dense_0/kernel": dense}
+    # Under "out" the bias follows its kernel's channels: no prunable leaf of its own.
+    bias = {} if mask_dim == "out" else {"Dense_0/bias": (5,)}
+    assert shapes == {"Conv_0/kernel": conv, "Dense_0/kernel": dense, **bias}
     nodes = dict(zip(layout.paths, layout.node_sizes))
     assert nodes["Conv_0/kernel"] == 72 // int(np.prod(conv))
-    assert nodes["Dense_0/bias"] == 1
-    masks = sfpk_jax.core.masks.ones_like_masks(_params(), mask_dim=mask_dim)
+    assert nodes.get("Dense_0/bias", 1) == 1
+    masks = sfpk_jax.core.masks.ones_like_masks(_params(), flax_axes, mask_dim=mask_dim)
     masked = sfpk_jax.apply_masks(_params(), masks)
     assert jax.tree.map(jnp.shape, masked) == jax.tree.map(jnp.shape, _params())
 
@@ -54,7 +57,7 @@ def test_unknown_mask_dim_is_rejected():
 @pytest.mark.parametrize("kind", ["l1", "l2"])
 def test_channel_sparsity_equals_sparsity_of_the_expanded_mask(kind):
     params = _params()
-    layout = MaskLayout.from_params(params, mask_dim="out")
+    layout = MaskLayout.from_params(params, flax_axes, mask_dim="out")
     rng = np.random.default_rng(0)
     mask = [jnp.asarray(rng.uniform(size=s), jnp.float32) for s in layout.mask_shapes]
     expanded = [jnp.broadcast_to(m, s) for m, s in zip(mask, layout.shapes)]
@@ -70,7 +73,7 @@ def test_channel_sparsity_equals_sparsity_of_the_expanded_mask(kind):
 @pytest.mark.parametrize("weighted", [True, False])
 def test_channel_repulsion_equals_repulsion_of_expanded_masks(mode, weighted):
     params = _params()
-    layout = MaskLayout.from_params(params, mask_dim="out")
+    layout = MaskLayout.from_params(params, flax_axes, mask_dim="out")
     theta = layout.gather(params)
     rng = np.random.default_rng(1)
     particles = [jnp.asarray(rng.uniform(size=(3, *s)), jnp.float32) for s in layout.mask_shapes]
@@ -82,7 +85,7 @@ def test_channel_repulsion_equals_repulsion_of_expanded_masks(mode, weighted):
 
 def test_channel_scores_sum_the_expanded_scores():
     params = _params()
-    layout = MaskLayout.from_params(params, mask_dim="in")
+    layout = MaskLayout.from_params(params, flax_axes, mask_dim="in")
     theta = layout.gather(params)
     rng = np.random.default_rng(2)
     particles = [jnp.asarray(rng.normal(size=(2, *s)), jnp.float32) for s in layout.mask_shapes]
@@ -98,8 +101,11 @@ def test_channel_scores_sum_the_expanded_scores():
 def test_structured_sfpk_prunes_whole_channels(cnn, mask_dim):
     sparsity = 0.75
     config = sfpk_jax.SFPKConfig(steps=6, particles=3, scope="local", mask_dim=mask_dim)
-    result = sfpk_jax.sfpk_prune(cnn.loss_fn, cnn.params, cnn.particle_batches(3), sparsity, config=config)
-    layout = MaskLayout.from_params(cnn.params, mask_dim=mask_dim)
+    # Every kernel, the classifier's and the first layer's too (they are kept by default).
+    every = cnn.layers.restrict("kernel$")
+    result = sfpk_jax.sfpk_prune(cnn.loss_fn, cnn.params, cnn.particle_batches(3), sparsity,
+                                 config=config, prunable=every)
+    layout = MaskLayout.from_params(cnn.params, every, mask_dim=mask_dim)
     channel_sparsity = 1.0 - math.sqrt(1.0 - sparsity)
     for path, m, size in zip(layout.paths, layout.gather(result.masks), layout.mask_sizes):
         assert int(np.sum(m)) == size - math.floor(channel_sparsity * size), path
@@ -117,8 +123,9 @@ def test_structured_sfpk_prunes_whole_channels(cnn, mask_dim):
 @pytest.mark.parametrize("mask_dim", ["out", "in"])
 def test_structured_magnitude_removes_the_weakest_channels(mask_dim):
     params = _params()
-    masks = sfpk_jax.magnitude_prune(params, 0.75, scope="local", mask_dim=mask_dim)
-    layout = MaskLayout.from_params(params, mask_dim=mask_dim)
+    masks = sfpk_jax.magnitude_prune(params, 0.75, scope="local", mask_dim=mask_dim,
+                                     prunable=flax_axes)
+    layout = MaskLayout.from_params(params, flax_axes, mask_dim=mask_dim)
     channel_sparsity = 1.0 - math.sqrt(0.25)
     for t, m, shape, size in zip(layout.gather(params), layout.gather(masks), layout.mask_shapes,
                                  layout.mask_sizes):
@@ -133,15 +140,17 @@ def test_structured_magnitude_removes_the_weakest_channels(mask_dim):
 
 @pytest.mark.parametrize("method", ["snip", "random", "sfpk"])
 def test_every_pruner_takes_channel_masks(cnn, method):
-    result = sfpk_jax.prune(method, cnn.loss_fn, cnn.params, cnn.particle_batches(1 if method != "sfpk" else 3),
-                            0.75, scope="local", key=jax.random.key(0), mask_dim="out",
+    every = cnn.layers.restrict("kernel$")
+    result = sfpk_jax.prune(method, cnn.loss_fn, cnn.params,
+                            cnn.particle_batches(1 if method != "sfpk" else 3), 0.75,
+                            scope="local", key=jax.random.key(0), mask_dim="out", prunable=every,
                             **({"config": sfpk_jax.SFPKConfig(steps=3, particles=3)}
                                if method == "sfpk" else {}))
-    layout = MaskLayout.from_params(cnn.params, mask_dim="out")
+    layout = MaskLayout.from_params(cnn.params, every, mask_dim="out")
     for m, shape in zip(layout.gather(result.masks), layout.mask_shapes):
         assert m.shape == shape
 
 
 def test_channel_masks_need_local_scope():
     with pytest.raises(ValueError, match="scope='local'"):
-        sfpk_jax.magnitude_prune(_params(), 0.5, mask_dim="out")
+        sfpk_jax.magnitude_prune(_params(), 0.5, mask_dim="out", prunable=flax_axes)

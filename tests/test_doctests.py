@@ -40,6 +40,7 @@ def test_docstring_example(test):
 
 ENTRY_POINTS = ["SFPKConfig", "Execution", "sfpk_prune", "prune", "magnitude_prune",
                 "apply_masks", "sparsity_of", "sparsity_report", "keep_masked", "save_masked",
+                "recompute_batch_stats",
                 "split_nnx", "split_equinox"]
 
 

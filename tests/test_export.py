@@ -6,17 +6,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_interop import FRAMEWORKS
+from test_interop import FRAMEWORKS, _batches
 from test_sparsity_report import _params
 
 import sfpk_jax
+from sfpk_jax.core.layers import trace_layers
 from sfpk_jax.tools.export import load_masked, save_masked
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_export_round_trip(tmp_path, framework):
-    params, _, _ = FRAMEWORKS[framework]()
-    masks = sfpk_jax.magnitude_prune(params, 0.6, scope="local",
+    params, loss_fn, _ = FRAMEWORKS[framework]()
+    # Channel masks (with their layers, read off the loss) except on Linen: both kinds travel.
+    layers = trace_layers(loss_fn, params, jax.tree.map(lambda x: x[0], next(_batches(1))))
+    masks = sfpk_jax.magnitude_prune(params, 0.6, scope="local", prunable=layers,
                                      mask_dim="out" if framework != "linen" else None)
     path = tmp_path / "pruned.safetensors"
     save_masked(path, params, masks)

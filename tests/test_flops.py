@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import sfpk_jax
+from sfpk_jax.core.layers import trace_layers
 from sfpk_jax.models import make_apply_fn
 from sfpk_jax.tools.flops import layer_costs, summary
 
@@ -42,7 +43,9 @@ def test_dense_counts_match_hand_counts(model):
 
 def test_channel_masks_scale_the_counts(model):
     apply_fn, variables, x = model
-    masks = sfpk_jax.core.masks.ones_like_masks(variables["params"], mask_dim="out")
+    layers = trace_layers(lambda p, b: apply_fn({**variables, "params": p}, b, False)[0].sum(),
+                          variables["params"], x)
+    masks = sfpk_jax.core.masks.ones_like_masks(variables["params"], layers, mask_dim="out")
     drop_two = np.ones((1, 1, 1, 4), np.float32)
     drop_two[..., :2] = 0
     masks["Conv_0"]["kernel"] = jnp.asarray(drop_two)
@@ -73,6 +76,11 @@ def test_structured_report_runs(tmp_path):
     (report,) = json.loads((tmp_path / "report.json").read_text())
     total = report["total"]
     assert total["params"] == 276_756
-    assert total["params_kept_fraction"] == pytest.approx(0.5, abs=0.01)
+    # Every hidden layer keeps half its output channels (sqrt(1 - 0.75)); the classifier
+    # keeps all of its outputs, the classes.
+    *hidden, classifier = report["layers"]
+    assert classifier["kept_params"] == classifier["params"]
+    for layer in hidden:
+        assert layer["kept_params"] / layer["params"] == pytest.approx(0.5, abs=0.02), layer
     assert sum(layer["kept_flops"] for layer in report["layers"]) == total["kept_flops"]
     assert structured_report.main(["--models", "resnet20", "--out", str(tmp_path)]) == 2

@@ -3,6 +3,9 @@
 Each model is written here as a user would write it, with no help from the
 zoo: SFPK and magnitude pruning, unstructured and per channel, then 100
 steps of AdamW with weight decay under ``keep_masked`` in a hand-written loop.
+The slips a new user makes with NNX and Equinox (the module where its params
+belong, an ``nnx.State`` with batch statistics, a result where its masks
+belong, a whole Equinox model) each get one line saying what to pass.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import pytest
 from flax import nnx
 
 import sfpk_jax
+from sfpk_jax.core.layers import trace_layers
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.interop import split_equinox, split_nnx
 
@@ -143,13 +147,19 @@ def _prune(framework, pruner, mask_dim):
     return (params, loss_fn, _masks(params, loss_fn, pruner, mask_dim))
 
 
-def _masks(params, loss_fn, pruner, mask_dim):
+def _masks(params, loss_fn, pruner, mask_dim, prunable=None):
     scope = "global" if mask_dim is None else "local"
     if pruner == "sfpk":
         config = sfpk_jax.SFPKConfig(steps=4, particles=2, scope=scope,
                                      mask_dim=mask_dim)
-        return sfpk_jax.sfpk_prune(loss_fn, params, _batches(2), 0.5, config=config).masks
-    return sfpk_jax.magnitude_prune(params, 0.5, scope=scope, mask_dim=mask_dim)
+        return sfpk_jax.sfpk_prune(loss_fn, params, _batches(2), 0.5, config=config,
+                                   prunable=prunable).masks
+    return sfpk_jax.magnitude_prune(params, 0.5, scope=scope, mask_dim=mask_dim,
+                                    prunable=prunable)
+
+
+def _layers(params, loss_fn):
+    return trace_layers(loss_fn, params, jax.tree.map(lambda x: x[0], next(_batches(1))))
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -164,8 +174,11 @@ def test_unstructured_pruning_hits_the_exact_sparsity(framework, pruner):
 @pytest.mark.parametrize("pruner", ["sfpk", "magnitude"])
 @pytest.mark.parametrize("mask_dim", ["out", "in"])
 def test_channel_masks_remove_whole_channels_on_the_framework_axis(framework, pruner, mask_dim):
-    params, _, masks = _prune(framework, pruner, mask_dim)
-    layout = MaskLayout.from_params(params, mask_dim=mask_dim)
+    params, loss_fn, _ = FRAMEWORKS[framework]()
+    # Every layer, the first and the last too (by default they keep their inputs and outputs).
+    every = _layers(params, loss_fn).restrict(".")
+    masks = _masks(params, loss_fn, pruner, mask_dim, every)
+    layout = MaskLayout.from_params(params, every, mask_dim=mask_dim)
     conv, (out_axis, in_axis) = CONV[framework]
     axis = out_axis if mask_dim == "out" else in_axis
     mask = np.asarray(layout.gather(masks)[layout.paths.index(conv)])
@@ -208,9 +221,50 @@ def test_retraining_with_keep_masked_keeps_pruned_weights_at_zero(framework):
 
 def test_a_weight_of_unknown_layout_cannot_take_channel_masks():
     params = {"mixer": {"w": jnp.ones((4, 5))}}
-    with pytest.raises(ValueError, match=r"mixer/w.*channel axes are unknown"):
+    with pytest.raises(ValueError, match=r"mixer/w.*not known from its name"):
         MaskLayout.from_params(params, prunable="w$", mask_dim="out")
     layout = MaskLayout.from_params(params, prunable=lambda p, x: (0, 1), mask_dim="out")
     assert layout.mask_shapes == ((4, 1),)
     with pytest.raises(ValueError, match="two different axes"):
         MaskLayout.from_params(params, prunable=lambda p, x: (1, 1), mask_dim="out")
+
+
+# The NNX and Equinox slips of a new user, each one line saying what was passed and what to pass.
+
+
+def test_an_nnx_module_passed_as_params_says_to_split_it():
+    model = NNXCNN(nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"got the nnx.Module NNXCNN where its parameters belong: "
+                                        r"pass split = sfpk_jax.split_nnx\(model\); split.params"):
+        sfpk_jax.sfpk_prune(lambda p, b: 0.0, model, _batches(2), 0.5,
+                            config=sfpk_jax.SFPKConfig(steps=1, particles=2))
+    with pytest.raises(TypeError, match="nnx.Module"):
+        sfpk_jax.keep_masked(optax.sgd(0.1), sfpk_jax.magnitude_prune(
+            split_nnx(model).params, 0.5)).init(model)
+
+
+def test_an_nnx_state_with_batch_statistics_says_to_take_the_params_alone():
+    model = NNXCNN(nnx.Rngs(0))
+    with pytest.raises(TypeError, match=r"hold BatchStat variables \(at bn/mean\).*"
+                                        r"nnx.state\(model, nnx.Param\)"):
+        sfpk_jax.magnitude_prune(nnx.state(model), 0.5)
+
+
+def test_a_result_where_the_masks_belong_says_to_pass_its_masks():
+    params, _, _ = FRAMEWORKS["nnx"]()
+    result = sfpk_jax.prune("magnitude", None, params, None, 0.5)
+    for call in (lambda: sfpk_jax.keep_masked(optax.sgd(0.1), result),
+                 lambda: sfpk_jax.apply_masks(params, result),
+                 lambda: sfpk_jax.sparsity_report(result, params)):
+        with pytest.raises(TypeError, match="got a PruneResult where the masks belong: pass its "
+                                            r"\.masks"):
+            call()
+
+
+def test_a_whole_equinox_model_says_to_split_it():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        model, _ = eqx.nn.make_with_state(EqxCNN)(jax.random.key(0))
+    with pytest.raises(TypeError, match=r"the params hold a str at bn/axis_name, not an "
+                                        r"array.*split_equinox\(model\).params"):
+        sfpk_jax.magnitude_prune(model, 0.5)

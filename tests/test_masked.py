@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import flax_axes
 
 import sfpk_jax
 from sfpk_jax.core.masks import MaskLayout
@@ -96,8 +97,11 @@ def test_kept_entries_follow_the_inner_optimizer_on_masked_gradients():
 
 def test_channel_masks_broadcast_over_their_kernels():
     params = _params()
-    masks = sfpk_jax.magnitude_prune(params, 0.5, scope="local", mask_dim="out")
+    masks = sfpk_jax.magnitude_prune(params, 0.5, scope="local", mask_dim="out",
+                                     prunable=flax_axes)
     assert masks["Dense_0"]["kernel"].shape == (1, 5)
+    # The bias follows its kernel's channels.
+    np.testing.assert_array_equal(masks["Dense_0"]["bias"], masks["Dense_0"]["kernel"][0])
     for p in _run(sfpk_jax.keep_masked(optax.adam(1e-2), masks), params, steps=20):
         _pruned_entries_are_zero(p, masks)
 

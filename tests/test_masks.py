@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from sfpk_jax import apply_masks, sfpk_prune, sparsity_of
-from sfpk_jax.core.masks import MaskLayout, count_prunable, ones_like_masks, path_to_str, select
+from sfpk_jax.core.masks import MaskLayout, count_prunable, ones_like_masks, path_to_str
+from sfpk_jax.core.selection import select
 
 pytestmark = pytest.mark.strict_promotion
 
@@ -39,7 +40,7 @@ def mixed_params():
 
 def _paths(params, chosen):
     flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    return {path_to_str(p) for (p, _), c in zip(flat, chosen) if c}
+    return {path_to_str(flat[i][0]) for i in chosen.index}
 
 
 def test_default_rule_picks_conv_and_dense_kernels_and_dense_biases(mixed_params):

@@ -44,6 +44,7 @@ EXPECTED_ALL = [
     "load_masked",
     "magnitude_prune",
     "prune",
+    "recompute_batch_stats",
     "register_pruner",
     "save_masked",
     "sfpk_prune",

@@ -14,6 +14,7 @@ from sfpk_jax.models import make_apply_fn
 from sfpk_jax.models.small_cnn import MLP, SmallCNN
 from sfpk_jax.models.vgg import VGG
 from sfpk_jax.tools.shrink import shrink
+from sfpk_jax.train import layers_of
 
 # Two convs, a pool, one more conv; on 8x8 inputs the classifier sees
 # 2x2 positions x 8 channels, which exercises the flattened fc rows.
@@ -126,6 +127,26 @@ def test_mlp_is_exact_and_narrower(mask_dim):
         assert layer.folded > 0  # relu(bias) of some dead units reaches the logits
     assert shrunk.variables["params"]["Dense_1"]["kernel"].shape == (7, 4)
     assert_same_logits(module, variables, masks, shrunk, (8, 8, 1))
+
+
+@pytest.mark.parametrize("which", ["mlp", "vgg"])
+def test_the_librarys_own_channel_masks_shrink_exactly(which, tiny_vgg):
+    """Masks as the library makes them (the model's layers read off its loss, the classes
+    kept, the biases following their kernels): the shrunk model computes the masked model's
+    logits, and an MLP's removed units leak nothing (their biases are masked with them)."""
+    if which == "mlp":
+        module, shape = MLP(num_classes=4, hidden=12), (8, 8, 1)
+        variables = shrink_speed.trained_like_variables(module, shape, seed=1)
+    else:
+        (module, variables), shape = tiny_vgg, IMAGE
+    apply_fn = make_apply_fn(module)
+    masks = sfpk_jax.magnitude_prune(variables["params"], 0.75, scope="local", mask_dim="out",
+                                     prunable=layers_of(apply_fn, variables, shape))
+    shrunk = shrink(module, variables, masks)
+    assert_same_logits(module, variables, masks, shrunk, shape)
+    if which == "mlp":
+        assert [r.folded for r in shrunk.report] == [0]
+        assert shrunk.module.hidden == 12 - int(0.5 * 12)
 
 
 def test_mlp_by_registry_name():

@@ -243,19 +243,22 @@ def test_simulation_density_renormalises_over_all_parameters():
 
 def _sfpk_run(cnn, steps=3, **kwargs):
     config = SFPKConfig(steps=steps, particles=2, scope="local", mask_dim="out", early_stop=False)
+    # Both kernels (the classifier too, by choice): the counts below are the reference's.
     return sfpk_jax.sfpk_prune(cnn.loss_fn, cnn.params, cnn.particle_batches(2, seed=3), 0.75,
-                               config=config, execution=Execution("vmap"), **kwargs)
+                               config=config, execution=Execution("vmap"),
+                               prunable=cnn.layers.restrict("kernel$"), **kwargs)
 
 
 def test_channel_simulation_aims_at_the_renormalised_density(cnn):
-    # TinyCNN: conv kernel 36 + conv bias 4 + batch norm 8 + dense 256 + 4.
-    layout = MaskLayout.from_params(cnn.params, mask_dim="out")
-    assert layout.total == 296
+    # TinyCNN: conv kernel 36 + conv bias 4 + batch norm 8 + dense 256 + 4; the
+    # biases follow their kernels' channels, so M counts the kernels alone.
+    layout = MaskLayout.from_params(cnn.params, cnn.layers.restrict("kernel$"), mask_dim="out")
+    assert layout.total == 292
     assert sum(x.size for x in jax.tree.leaves(cnn.params)) == 308
     steps = 3
     for total, result in ((308, _sfpk_run(cnn, steps)),
                           (400, _sfpk_run(cnn, steps, total_params=400))):
-        target = (296 - (1 - 0.5) * total) / 296
+        target = (292 - (1 - 0.5) * total) / 292
         # exp schedule, every layer from G_l = 1: dt_0 = f (1/f - (1/f)^(1 - 1/K)).
         dt0 = target * (1 / target - (1 / target) ** (1 - 1 / steps))
         np.testing.assert_allclose(result.trace["dt"][0], dt0, rtol=1e-5)
@@ -269,6 +272,7 @@ def test_channel_simulation_aims_at_the_renormalised_density(cnn):
 def test_prune_passes_the_parameter_count(cnn):
     result = sfpk_jax.prune("sfpk", cnn.loss_fn, cnn.params, cnn.particle_batches(2, seed=3), 0.75,
                             scope="local", mask_dim="out", total_params=400,
+                            prunable=cnn.layers.restrict("kernel$"),
                             config=SFPKConfig(steps=2, particles=2), execution=Execution(particle_mode="vmap"))
     reference = _sfpk_run(cnn, 2, total_params=400)
     np.testing.assert_allclose(result.trace["dt"], reference.trace["dt"], rtol=1e-6)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import flax_axes
 
 import sfpk_jax
 from sfpk_jax.tools.sparsity_report import sparsity_report
@@ -37,8 +38,9 @@ def test_report_counts_every_layer_and_the_total():
 
 def test_report_counts_the_weights_a_channel_mask_covers():
     params = _params()
-    masks = sfpk_jax.magnitude_prune(params, 0.5, scope="local", mask_dim="out")
-    conv = sparsity_report(masks, params).layers[0]
+    masks = sfpk_jax.magnitude_prune(params, 0.5, scope="local", mask_dim="out",
+                                     prunable=flax_axes)
+    conv = {row.path: row for row in sparsity_report(masks, params).layers}["Conv_0/kernel"]
     assert conv.mask_shape == (1, 1, 1, 4) and conv.weights == 72
     assert conv.kept == 18 * int(np.sum(masks["Conv_0"]["kernel"]))
     assert conv.sparsity == sfpk_jax.sparsity_of({"k": masks["Conv_0"]["kernel"]})

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import flax_axes
 
 import sfpk_jax
 from sfpk_jax import SFPKConfig
@@ -81,7 +82,7 @@ def test_one_step_splits_the_scopes_as_the_reference(dynamics, mask_dim):
         config = SFPKConfig(steps=10, particles=3, radius=1.4, scope="local", mask_dim=mask_dim,
                             dynamics_scope=dynamics)
         params = jax.tree.map(jnp.asarray, PARAMS)
-        layout = MaskLayout.from_params(params, mask_dim=mask_dim)
+        layout = MaskLayout.from_params(params, flax_axes, mask_dim=mask_dim)
         theta = [np.asarray(t) for t in layout.gather(params)]
         rng = np.random.default_rng(5)
         particles = [rng.uniform(0.5, 1.0, (3, *s)) for s in layout.mask_shapes]
@@ -126,9 +127,9 @@ def test_global_dynamics_lower_the_global_density_by_the_layers_dt():
     with jax.enable_x64(True):
         config = SFPKConfig(steps=50, particles=2, scope="local", mask_dim="out")
         params = jax.tree.map(jnp.asarray, PARAMS)
-        layout = MaskLayout.from_params(params, mask_dim="out")
+        layout = MaskLayout.from_params(params, flax_axes, mask_dim="out")
         state = sfpk_jax.sfpk.initial_state(layout, config)
-        np.testing.assert_allclose(state.start, np.ones(3))
+        np.testing.assert_allclose(state.start, np.ones(len(layout.paths)))
         grads = [0.1 * jnp.asarray(np.random.default_rng(0).normal(size=(2, *s)))
                  for s in layout.mask_shapes]
         new, trace = sfpk_jax.sfpk.sfpk_update(state, jnp.ones(2), grads, layout.gather(params),

@@ -19,6 +19,7 @@ from experiments.harness.flags import (
     field_flag,
     flag_name,
     one_line_errors,
+    prunable,
     sfpk_config,
 )
 from experiments.harness.outdir import check_out_state, inputs_kept
@@ -26,6 +27,7 @@ from sfpk_jax import ConfigError, Execution, SFPKConfig, pruners
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import DATASETS
 from sfpk_jax.models import build, registered
+from sfpk_jax.models.registry import default_input_shape
 from sfpk_jax.parallel.worker_pool import max_workers
 
 # What --smoke sets the common size flags to when they are not given; scripts
@@ -372,9 +374,17 @@ def _check_prunable(args: argparse.Namespace) -> None:
     Shapes only: nothing is computed. The count is that of the model with 10
     classes (the fewest of the datasets), so the bounds hold for all of them.
     """
-    shapes = jax.eval_shape(lambda: build(args.model, num_classes=10)[1])
+    built = {}
+
+    def init():  # the apply function comes out beside the shapes
+        built["apply_fn"], variables = build(args.model, num_classes=10)
+        return variables
+
+    shapes = jax.eval_shape(init)
     try:
-        layout = MaskLayout.from_params(shapes["params"], None, args.mask_dim)
+        layers = prunable(args, built["apply_fn"], shapes,
+                          default_input_shape(args.model)[1:])
+        layout = MaskLayout.from_params(shapes["params"], layers, args.mask_dim)
     except ValueError as err:
         fail(f"--model={args.model!r} is not allowed: expected a model with prunable weights "
              f"({err})")

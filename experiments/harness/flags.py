@@ -13,6 +13,7 @@ from sfpk_jax import pruners
 from sfpk_jax.data import DATASETS
 from sfpk_jax.parallel.sharding import default_mesh
 from sfpk_jax.sfpk import Execution, SFPKConfig, fields
+from sfpk_jax.train.losses import layers_of
 
 _FIELDS = {cls: {f.name: f for f in dataclasses.fields(cls)} for cls in (SFPKConfig, Execution)}
 # Fields whose flag has another name than the field's (the attribute of the
@@ -172,6 +173,14 @@ def execution(args: argparse.Namespace, particles: int | None = None) -> Executi
     if values.get("particle_mode") == "shard" and getattr(args, "mesh_batch", 1) > 1:
         values["mesh"] = default_mesh(particles or args.particles, args.mesh_batch)
     return Execution(**{**values, "progress": bars(args)})
+
+
+def prunable(args: argparse.Namespace, apply_fn, variables: dict, image_shape):
+    """The runs' prunable leaves: the default rule, or with ``--mask-dim`` the model's layers
+    (read off its loss on shapes alone: channel axes, the classes kept)."""
+    if args.mask_dim is None:
+        return None
+    return layers_of(apply_fn, variables, image_shape)
 
 
 def bars(args: argparse.Namespace) -> bool:

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
-from experiments.harness.flags import execution, fail, sfpk_config
+from experiments.harness.flags import execution, fail, prunable, sfpk_config
 from experiments.harness.outdir import DAMAGED, checkpoint_dir, slug
 from experiments.harness.progress import LOG
 from sfpk_jax import (
@@ -142,12 +142,13 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
         # A simulation takes the batches as a function of the first step, so
         # that a resumed one reads from there without replaying the others.
         batches = stream if needs.simulation else stream()
+    layers = prunable(args, apply_fn, variables, bundle.image_shape)
     LOG.info("%s %s: pruning to %.4g%% sparsity", method, name, 100 * sparsity)
     t0 = time.perf_counter()
     try:
         result = prune(method, make_loss_fn(apply_fn, variables), variables["params"], batches,
                        sparsity, scope=args.scope, key=jax.random.key(args.seed),
-                       mask_dim=args.mask_dim, **options)
+                       mask_dim=args.mask_dim, prunable=layers, **options)
     except FloatingPointError as err:
         fail(f"pruning with {method} diverged: {err}. {DIVERGED_FIX}")
     except ResumeError as err:
@@ -167,7 +168,7 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
     seconds = time.perf_counter() - t0
     _check_reached(method, result.masks, variables["params"], sparsity, args.scope,
-                   args.mask_dim)
+                   layers, args.mask_dim)
     LOG.info("%s %s: pruned in %.1f s", method, name, seconds)
     return Pruned(result.masks, result, seconds)
 
@@ -195,7 +196,8 @@ def _pruner_raised(method: str, err: Exception) -> typing.NoReturn:
     raise SystemExit(1)
 
 
-def _check_reached(method: str, masks, params, sparsity: float, scope: str, mask_dim) -> None:
+def _check_reached(method: str, masks, params, sparsity: float, scope: str, layers,
+                   mask_dim) -> None:
     """Exit 1 when the masks remove fewer entries than ``sparsity`` asks, before anything is saved.
 
     Counted as the pruners count: mask entries (channels for channel masks),
@@ -203,7 +205,7 @@ def _check_reached(method: str, masks, params, sparsity: float, scope: str, mask
     pruner may remove more (weights that were zero already are never kept),
     never fewer.
     """
-    layout = MaskLayout.from_params(params, None, mask_dim)
+    layout = MaskLayout.from_params(params, layers, mask_dim)
     wanted = topk.remove_counts(layout.mask_sizes,
                                 channels.mask_sparsity(sparsity, mask_dim is not None), scope)
     removed = [0 if m is None else int(np.sum(np.asarray(m) == 0)) for m in layout.gather(masks)]

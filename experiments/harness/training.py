@@ -17,7 +17,7 @@ import optax
 from experiments.harness import compile_cache, datafp, progress
 from experiments.harness import dense as dense_files
 from experiments.harness.distributed import is_main, local, main_first
-from experiments.harness.flags import fail, flag_name
+from experiments.harness.flags import fail, flag_name, prunable
 from experiments.harness.outdir import (
     DAMAGED,
     checkpoint_dir,
@@ -36,6 +36,7 @@ from sfpk_jax.train import (
     recompute_batch_stats,
     sgd_cosine,
     train_epoch,
+    zoo_forward,
 )
 
 # Training and test examples that --smoke keeps.
@@ -88,10 +89,12 @@ def build_model(args: argparse.Namespace, bundle: DataBundle):
                                 key=jax.random.key(args.seed), input_shape=(1, *bundle.image_shape),
                                 conv_chunk=args.conv_chunk)
     try:
-        MaskLayout.from_params(variables["params"], None, args.mask_dim)
+        MaskLayout.from_params(variables["params"], prunable(args, apply_fn, variables,
+                                                             bundle.image_shape), args.mask_dim)
     except ValueError as err:
         fail(f"--model={args.model}: {err}")
     return apply_fn, variables
+
 
 
 class Setup(NamedTuple):
@@ -352,9 +355,13 @@ def dense_model(args, run: Setup) -> dict:
 def recompute_bn(args, bundle, apply_fn, variables, masks):
     """The masked model with batch-norm statistics re-estimated (spec: after voting)."""
     masked = {**variables, "params": apply_masks(variables["params"], masks)}
+    if "batch_stats" not in masked:
+        return masked
     train, _ = loaders(args, bundle, args.seed + 7, whole=True)
     batches = train.epoch(0)
     try:
-        return recompute_batch_stats(apply_fn, masked, itertools.islice(batches, args.bn_batches))
+        stats = recompute_batch_stats(zoo_forward(apply_fn, masked), masked["batch_stats"],
+                                      itertools.islice(batches, args.bn_batches))
+        return {**masked, "batch_stats": stats}
     finally:
         batches.close()

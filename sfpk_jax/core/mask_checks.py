@@ -13,6 +13,7 @@ passes.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 import jax
@@ -42,6 +43,41 @@ def _key_name(entry) -> str:
         if hasattr(entry, attr):
             return str(getattr(entry, attr))
     return str(entry)
+
+
+def check_params(params: PyTree) -> None:
+    """Raises, in one line saying what to pass, when ``params`` is not a tree of parameters.
+
+    The slips this catches: a Flax NNX module itself, or an ``nnx.State``
+    holding batch statistics, where the parameters belong; an Equinox module
+    with its functions and other non-arrays (rather than
+    :func:`~sfpk_jax.split_equinox`'s arrays); a result where the masks belong.
+    """
+    nnx = sys.modules.get("flax.nnx")
+    if nnx is not None and isinstance(params, nnx.Module):
+        raise TypeError(
+            f"got the nnx.Module {type(params).__name__} where its parameters belong: pass "
+            "split = sfpk_jax.split_nnx(model); split.params (and rebuild the model in the loss "
+            "with split.merge(params))")
+    if nnx is not None and isinstance(params, nnx.State):
+        flat = jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: isinstance(
+            x, nnx.Variable))[0]
+        other = next(((p, v) for p, v in flat if isinstance(v, nnx.Variable)
+                      and not isinstance(v, nnx.Param)), None)
+        if other is not None:
+            raise TypeError(
+                f"the params hold {type(other[1]).__name__} variables (at {path_to_str(other[0])}), "
+                "not parameters alone: pass sfpk_jax.split_nnx(model).params, or nnx.state(model, "
+                "nnx.Param)")
+    if hasattr(params, "masks") and hasattr(params, "_fields"):
+        raise TypeError(f"got a {type(params).__name__} where a tree of arrays belongs: pass its "
+                        ".masks")
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        if not hasattr(leaf, "shape") and not isinstance(leaf, (int, float)):
+            raise TypeError(
+                f"the params hold a {type(leaf).__name__} at {path_to_str(path) or '<root>'}, not "
+                "an array: pass the model's arrays alone (for Equinox, "
+                "sfpk_jax.split_equinox(model).params)")
 
 
 def check_mask_values(name: str, mask: Any) -> None:
@@ -80,6 +116,8 @@ def check_mask_shape(name: str, param_shape: tuple[int, ...], mask_shape: tuple[
 
 def check_values(masks: PyTree) -> None:
     """:func:`check_mask_values` for every mask of a tree (no params needed)."""
+    if hasattr(masks, "masks") and hasattr(masks, "_fields"):  # a pruner's result
+        raise TypeError(f"got a {type(masks).__name__} where the masks belong: pass its .masks")
     for path, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]:
         if m is not None:
             check_mask_values(path_to_str(path), m)
@@ -104,6 +142,9 @@ def named_masks(masks: PyTree, params: PyTree, *, values: bool = True
         with no parameter, a mask that does not broadcast over its parameter
         without changing its shape, or one whose values are not 0/1 numbers.
     """
+    check_params(params)
+    if hasattr(masks, "masks") and hasattr(masks, "_fields"):  # a pruner's result
+        raise TypeError(f"got a {type(masks).__name__} where the masks belong: pass its .masks")
     leaves = [(path_to_str(p), x) for p, x in jax.tree_util.tree_flatten_with_path(params)[0]]
     try:
         flat = jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]

@@ -8,9 +8,8 @@ masks), every other leaf is ``None``. Masking multiplies, nothing else.
 from __future__ import annotations
 
 import dataclasses
-import re
-from collections.abc import Callable, Sequence
-from typing import Any, Union
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -18,100 +17,13 @@ import numpy as np
 
 from sfpk_jax.core import channels
 from sfpk_jax.core.mask_checks import check_values, named_masks, path_to_str
+from sfpk_jax.core.selection import Prunable, select
 
 PyTree = Any
-# A callable may return (out_axis, in_axis) instead of True: the leaf is
-# prunable, and its channel masks take those axes.
-Prunable = Union[None, str, Callable[[str, Any], Union[bool, tuple[int, int]]]]
-
-# Names the frameworks give their weights: Flax (Linen and NNX) ``kernel``,
-# Equinox ``weight`` (Equinox also names norm scales ``weight``: rank 1).
-_WEIGHT_NAMES = ("kernel", "weight")
 
 
 def _is_none(x) -> bool:
     return x is None
-
-
-def default_rule(paths: Sequence[str], leaves: Sequence[Any]) -> list[bool]:
-    """The spec's rule: conv/dense weights and dense biases are prunable.
-
-    Weights are the leaves named ``kernel`` (Flax) or ``weight`` (Equinox)
-    of rank >= 2; a weight of rank 2 is a dense layer, so the ``bias`` next
-    to it is prunable too. Conv biases, normalisation scales and biases and
-    embeddings (Flax ``embedding``) are not.
-    """
-    rank_of_weight = {}
-    for p, leaf in zip(paths, leaves):
-        parent, _, name = p.rpartition("/")
-        if name in _WEIGHT_NAMES:
-            rank_of_weight[parent] = np.ndim(leaf)
-    selected = []
-    for p, leaf in zip(paths, leaves):
-        parent, _, name = p.rpartition("/")
-        if name in _WEIGHT_NAMES:
-            selected.append(np.ndim(leaf) >= 2)
-        elif name == "bias":
-            selected.append(rank_of_weight.get(parent) == 2)
-        else:
-            selected.append(False)
-    return selected
-
-
-def _decisions(paths: Sequence[str], leaves: Sequence[Any], prunable: Prunable) -> list:
-    """Per leaf: False, True, or explicit (out_axis, in_axis) channel axes."""
-    if prunable is None:
-        return default_rule(paths, leaves)
-    if isinstance(prunable, str):
-        pattern = re.compile(prunable)
-        return [bool(pattern.search(p)) for p in paths]
-    if callable(prunable):
-        out = []
-        for p, leaf in zip(paths, leaves):
-            d = prunable(p, leaf)
-            out.append(tuple(d) if isinstance(d, (tuple, list)) else bool(d))
-        return out
-    raise TypeError(
-        f"prunable must be None, a regex string or a callable (path, leaf) -> bool or "
-        f"(out_axis, in_axis), got {type(prunable).__name__}"
-    )
-
-
-def select(params: PyTree, prunable: Prunable = None) -> list[bool]:
-    """Which leaves of ``params`` (in flatten order) are prunable.
-
-    Args:
-      params: the parameter pytree.
-      prunable: ``None`` for the spec's default rule, a regex matched
-        (``re.search``) against the '/'-joined path, or a callable
-        ``(path, leaf) -> bool``; the callable may also return
-        ``(out_axis, in_axis)`` to select the leaf and name its channel axes.
-
-    Returns:
-      One bool per leaf of ``params``.
-    """
-    flat, _ = jax.tree_util.tree_flatten_with_path(params)
-    paths = [path_to_str(p) for p, _ in flat]
-    return [d is not False for d in _decisions(paths, [leaf for _, leaf in flat], prunable)]
-
-
-def _leaf_axes(path: str, shape: tuple[int, ...], decision, mask_dim: str | None):
-    """The channel axes of a selected leaf, checked; None when it stays unstructured."""
-    if isinstance(decision, tuple):
-        in_range = len(decision) == 2 and all(
-            isinstance(a, int) and -len(shape) <= a < len(shape) for a in decision)
-        if not in_range or decision[0] % len(shape) == decision[1] % len(shape):
-            raise ValueError(
-                f"prunable returned channel axes {decision} for {path} (shape {shape}): "
-                "expected two different axes (out_axis, in_axis) of the leaf")
-        return tuple(a % len(shape) for a in decision)
-    axes = channels.channel_axes(path.rpartition("/")[2], shape)
-    if mask_dim is not None and axes is None and len(shape) >= 2:
-        raise ValueError(
-            f"mask_dim={mask_dim!r} cannot be applied to {path} (shape {shape}): its channel "
-            "axes are unknown (Flax names weights 'kernel', Equinox 'weight'). Have the "
-            "prunable callable return (out_axis, in_axis) for it, or leave it out")
-    return axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +38,9 @@ class MaskLayout:
       mask_shapes: the masks' shapes: the parameter shapes (unstructured) or
         channel shapes that broadcast over the kernels (see
         :mod:`sfpk_jax.core.channels`).
+      tied: ``(position among the flattened leaves, kernel position in
+        index, shape)`` of the biases whose masks follow their kernel's
+        channel mask (channel masks ``"out"``): no prunable leaves of their own.
     """
 
     treedef: Any
@@ -133,6 +48,7 @@ class MaskLayout:
     paths: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
     mask_shapes: tuple[tuple[int, ...], ...]
+    tied: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
 
     @classmethod
     def from_params(
@@ -142,37 +58,40 @@ class MaskLayout:
 
         Args:
           params: the parameter pytree.
-          prunable: leaf selection (see :func:`select`).
+          prunable: leaf selection (see :func:`sfpk_jax.core.selection.select`):
+            None, a regex, a callable, or the model's layers
+            (:func:`sfpk_jax.core.layers.trace_layers`), which channel masks need.
           mask_dim: None for unstructured masks, ``"out"`` or ``"in"`` for
             one mask entry per output or input channel of every kernel.
 
         Returns:
           The layout.
+
+        Raises:
+          ValueError: nothing is selected, or channel masks cannot be applied
+            (see :func:`sfpk_jax.core.selection.select`).
         """
         if mask_dim not in (None, *channels.MASK_DIMS):
             raise ValueError(f"mask_dim={mask_dim!r} is not one of None, {channels.MASK_DIMS}")
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
-        paths_all = [path_to_str(p) for p, _ in flat]
-        decisions = _decisions(paths_all, [leaf for _, leaf in flat], prunable)
-        index = tuple(i for i, d in enumerate(decisions) if d is not False)
-        if not index:
-            paths = ", ".join(paths_all[:8]) or "(empty tree)"
+        chosen = select(params, prunable, mask_dim)
+        if not chosen.index:
+            paths = ", ".join(path_to_str(p) for p, _ in flat[:8]) or "(empty tree)"
             raise ValueError(
                 "no prunable parameters: the rule selected none of the leaves "
                 f"({paths}{', ...' if len(flat) > 8 else ''}); pass `prunable=` a regex "
                 "or callable that selects the weights to prune"
             )
-        paths = tuple(paths_all[i] for i in index)
-        shapes = tuple(tuple(np.shape(flat[i][1])) for i in index)
+        paths = tuple(path_to_str(flat[i][0]) for i in chosen.index)
+        shapes = tuple(tuple(np.shape(flat[i][1])) for i in chosen.index)
         return cls(
             treedef=treedef,
-            index=index,
+            index=chosen.index,
             paths=paths,
             shapes=shapes,
-            mask_shapes=tuple(
-                channels.mask_shape(s, mask_dim, _leaf_axes(p, s, decisions[i], mask_dim))
-                for i, p, s in zip(index, paths, shapes)
-            ),
+            mask_shapes=tuple(channels.mask_shape(s, mask_dim, axes)
+                              for s, axes in zip(shapes, chosen.axes)),
+            tied=chosen.tied,
         )
 
     @property
@@ -217,11 +136,34 @@ class MaskLayout:
             full[i] = leaf
         return jax.tree_util.tree_unflatten(self.treedef, full)
 
+    def _tied(self, leaves: Sequence[Any]) -> list[tuple[int, Any]]:
+        """``(leaf position, value)`` of every tied bias: its kernel's channel value in the
+        bias's shape (leading axes, a particle axis say, kept)."""
+        out = []
+        for i, k, shape in self.tied:
+            value = leaves[k]
+            lead = value.shape[:value.ndim - len(self.mask_shapes[k])]
+            out.append((i, value.reshape(lead + shape)))
+        return out
+
     def scatter(self, leaves: Sequence[Any]) -> PyTree:
-        """A tree shaped like params with ``leaves`` at prunable spots, None elsewhere."""
+        """A tree shaped like params with ``leaves`` at prunable spots (and tied biases),
+        None elsewhere."""
         full = [None] * self.treedef.num_leaves
         for i, leaf in zip(self.index, leaves):
             full[i] = leaf
+        for i, value in self._tied(leaves):
+            full[i] = value
+        return jax.tree_util.tree_unflatten(self.treedef, full)
+
+    def apply(self, tree: PyTree, points: Sequence[Any]) -> PyTree:
+        """``tree`` (shaped like params) with every prunable leaf multiplied by its point
+        (a mask, or a polarized particle), broadcast, and every tied bias by its kernel's."""
+        full = self._leaves(tree)
+        for i, point in zip(self.index, points):
+            full[i] = full[i] * point
+        for i, value in self._tied(points):
+            full[i] = full[i] * value
         return jax.tree_util.tree_unflatten(self.treedef, full)
 
 

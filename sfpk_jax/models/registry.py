@@ -61,6 +61,14 @@ def register(name: str, *, input_shape: tuple[int, ...]) -> Callable[[Factory], 
     return decorator
 
 
+def default_input_shape(name: str) -> tuple[int, ...]:
+    """The shape (batch axis included) a registered model is initialised with by default."""
+    _load_zoo()
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered())}")
+    return _REGISTRY[name][1]
+
+
 def registered() -> tuple[str, ...]:
     """Names of the registered models, sorted."""
     _load_zoo()

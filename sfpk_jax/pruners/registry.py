@@ -18,6 +18,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 import jax
 
 from sfpk_jax.core.channels import MaskDim
+from sfpk_jax.core.layers import layers_from_batches
 from sfpk_jax.core.mask_checks import named_masks
 from sfpk_jax.core.masks import Prunable
 from sfpk_jax.core.topk import Scope
@@ -188,7 +189,11 @@ def prune(
       scope: ``global`` or ``local`` (layer-wise) top-k.
       mask_dim: None (unstructured), or ``"out"`` / ``"in"`` to prune whole
         output or input channels (needs ``scope="local"``; every layer keeps
-        sqrt(1 - sparsity) of its channels, as the reference does).
+        sqrt(1 - sparsity) of its channels, as the reference does). The
+        model's layers are then read off ``loss_fn`` on the first batch
+        (which ``batches`` must hold, unless ``prunable`` gives them): the
+        classes and the input channels are kept, and biases follow their
+        kernels (see :mod:`sfpk_jax.core.selection`).
       key: PRNG key: the scores of ``random`` (required there); tie-breaking
         for the others (ties go by position without it; magnitude ignores it).
       **options: method options:
@@ -217,6 +222,8 @@ def prune(
         not fit ``params`` or hold other values than 0 and 1 (NaN included);
         the message names the pruner and the leaf.
     """
+    if mask_dim is not None and prunable is None:
+        prunable, batches = layers_from_batches(loss_fn, params, batches)
     result = spec(method).fn(loss_fn, params, batches, sparsity, prunable=prunable, scope=scope,
                              key=key, mask_dim=mask_dim, **options)
     if not isinstance(result, PruningResult):

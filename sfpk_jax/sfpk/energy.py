@@ -93,7 +93,7 @@ def make_energy_fn(
             ratio=config.polarizer_ratio,
             at=at,
         )
-        masked = layout.replace(params, [t * p for t, p in zip(theta, point)])
+        masked = layout.apply(params, point)
         if compute_dtype == "float32":
             return loss_fn(masked, batch, *loss_args)
         # The casts sit inside the differentiated function, so grad E still

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sfpk_jax.core import channels, topk
+from sfpk_jax.core.layers import layers_from_batches
 from sfpk_jax.core.masks import MaskLayout, Prunable, path_to_str
 from sfpk_jax.parallel import sharding
 from sfpk_jax.parallel.worker_pool import WorkerError, WorkerPool, local_cores
@@ -147,7 +148,11 @@ def sfpk_prune(
         every process calls ``sfpk_prune`` with the same arguments and
         batches, in ``shard`` mode; see :mod:`sfpk_jax.parallel.sharding`.
       prunable: which leaves to prune: None (conv/dense kernels and dense
-        biases), a regex over '/'-joined paths, or a callable (path, leaf).
+        biases; with channel masks, the model's layers read off ``loss_fn`` on
+        the first batch, keeping the classes; see
+        :mod:`sfpk_jax.core.selection`), a regex over '/'-joined paths, a
+        callable (path, leaf), or the model's layers
+        (:func:`sfpk_jax.core.layers.trace_layers`).
       key: optional PRNG key that breaks exact ties in the final top-k (without
         it ties go by position); the simulation itself is deterministic.
       init: an earlier result to continue from (gradual pruning): its
@@ -211,6 +216,8 @@ def sfpk_prune(
         execution = execution.replace(mesh=mesh)
         # Params may live on other devices (e.g. replicated by data-parallel training).
         params = sharding.replicate(params, mesh)
+    if config.mask_dim is not None and prunable is None:
+        prunable, batches = layers_from_batches(loss_fn, params, batches)
     layout = MaskLayout.from_params(params, prunable, config.mask_dim)
     theta = layout.gather(params)
     _check_finite(layout, theta)

@@ -6,8 +6,10 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
+from sfpk_jax.core.layers import Layers, trace_layers
 from sfpk_jax.models import ApplyFn
 from sfpk_jax.sfpk.energy import StatefulLoss
 
@@ -68,3 +70,27 @@ def make_loss_fn(apply_fn: ApplyFn, variables: dict) -> StatefulLoss:
     """
     state = {k: v for k, v in variables.items() if k != "params"}
     return StatefulLoss(TrainingLoss(apply_fn), state)
+
+
+def layers_of(apply_fn: ApplyFn, variables: dict, image_shape: tuple[int, ...]) -> Layers:
+    """The layers of a model of the zoo's convention (what channel masks need).
+
+    Read off its training loss (:func:`make_loss_fn`) on shapes alone:
+    ``variables`` may be ``jax.ShapeDtypeStruct`` leaves, and nothing is
+    computed.
+
+    Args:
+      apply_fn: ``apply_fn(variables, x, train) -> (logits, updated_variables)``.
+      variables: its variables (arrays or shapes).
+      image_shape: one example's shape, e.g. ``(32, 32, 3)``.
+
+    Returns:
+      The :class:`~sfpk_jax.core.layers.Layers`.
+    """
+    batch = {"image": jax.ShapeDtypeStruct((2, *image_shape), jnp.float32),
+             "label": jax.ShapeDtypeStruct((2,), jnp.int32)}
+    state = {k: v for k, v in variables.items() if k != "params"}
+    loss = TrainingLoss(apply_fn)
+    # The state goes in as an argument, beside the batch: shapes cannot be closed over.
+    return trace_layers(lambda params, both: loss(params, *both), variables["params"],
+                        (batch, state))

@@ -65,7 +65,7 @@ def device_peak_mb(device) -> float | None:
 
 
 def build_problem(model: str, input_shape: tuple, num_classes: int, particles: int,
-                  batch_size: int, seed: int = 0, conv_chunk: int = 0):
+                  batch_size: int, seed: int = 0):
     """``(loss_fn, params, batch)``: a fresh model and random data, one slice per particle."""
     import jax
 
@@ -73,9 +73,7 @@ def build_problem(model: str, input_shape: tuple, num_classes: int, particles: i
     from sfpk_jax.train import make_loss_fn
 
     apply_fn, variables = models.build(
-        model, num_classes=num_classes, key=jax.random.key(seed), input_shape=(1,) + input_shape,
-        conv_chunk=conv_chunk,
-    )
+        model, num_classes=num_classes, key=jax.random.key(seed), input_shape=(1,) + input_shape)
     loss_fn = make_loss_fn(apply_fn, variables)
     rng = np.random.default_rng(seed)
     batch = {

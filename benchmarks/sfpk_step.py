@@ -3,11 +3,15 @@
     python -m benchmarks.sfpk_step --model resnet20 --batch-size 512 --particles 10 --repeats 5
     python -m benchmarks.sfpk_step --model resnet20 --batch-size 128 --particles 10 --repeats 5
 
+With no ``--particle-mode`` or ``--conv-chunk`` the step runs as the
+library's default (``auto``) chooses for a default simulation of this model
+and batch (:mod:`sfpk_jax.sfpk.auto`); the report names what it chose.
+
 The step is ``make_stepper(...).step`` (all n particles: polarized energies and
 gradients, repulsion, direction, move, vote) on ResNet-20 / CIFAR-100 shapes
 with random data. The bare cost is n jitted ``value_and_grad`` calls of the
 plain training-mode loss with respect to the parameters, on the same batches,
-dispatched the same way (``loop``: one jitted call per particle; ``vmap`` /
+its convolutions chunked as the step's, dispatched the same way (``loop``: one jitted call per particle; ``vmap`` /
 ``map:K``: one vmapped / ``lax.map``-ped program; ``processes``: the worker
 processes, one per core or ``--workers``, whose start is not timed). The
 overhead is their ratio.
@@ -39,9 +43,10 @@ import jax.numpy as jnp
 import sfpk_jax
 from benchmarks.common import PeakRSS, build_problem, device_peak_mb
 from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax.parallel.conv_chunks import chunk_convolutions
 from sfpk_jax.parallel.sharding import default_mesh
 from sfpk_jax.parallel.worker_pool import WorkerPool
-from sfpk_jax.sfpk import initial_state, make_stepper, modes
+from sfpk_jax.sfpk import auto, initial_state, make_stepper, modes
 from sfpk_jax.sfpk.particle_workers import process_stepper
 
 
@@ -104,33 +109,45 @@ class _Timer:
 
 
 def run(model="resnet20", input_shape=(32, 32, 3), num_classes=100, batch_size=512,
-        particles=10, repeats=5, particle_mode="loop", seed=0, workers=None, pin=True,
-        conv_chunk=0) -> dict:
+        particles=10, repeats=5, particle_mode="auto", seed=0, workers=None, pin=True,
+        conv_chunk="auto") -> dict:
     """Times the step and the bare passes; returns the report (see the module doc)."""
     loss_fn, params, batch = build_problem(
-        model, tuple(input_shape), num_classes, particles, batch_size, seed, conv_chunk
+        model, tuple(input_shape), num_classes, particles, batch_size, seed
     )
     mode, chunk = parse_mode(particle_mode)
     config = sfpk_jax.SFPKConfig(particles=particles)
-    execution = sfpk_jax.Execution(particle_mode=mode, particle_chunk=chunk)
+    one = jax.tree.map(lambda x: x[0], batch)
+    # The run auto sizes is a default simulation (config.steps) of this model and batch.
+    choice = auto.choose(
+        sfpk_jax.Execution(particle_mode=mode, particle_chunk=chunk, conv_chunk=conv_chunk,
+                           **({"workers": workers} if mode == "processes" else {})),
+        config, work=lambda: auto.estimate_work(loss_fn, params, one, config))
+    execution = choice.execution
+    mode, chunk = execution.particle_mode, execution.particle_chunk
+    workers = execution.workers if mode == "processes" else None
     layout = MaskLayout.from_params(params)
+    # The bare passes run the convolutions as the step does.
+    bare_loss = chunk_convolutions(loss_fn, execution.conv_chunk)
     with contextlib.ExitStack() as stack:
         pool = None
         if mode == "processes":
             # One pool each: a pool holds one function at a time.
             pool = stack.enter_context(WorkerPool(workers, pin=pin))
             stepper = process_stepper(loss_fn, layout, config, 0.05, pool, execution)
-            bare = make_bare(loss_fn, particles, mode, chunk,
+            bare = make_bare(bare_loss, particles, mode, chunk,
                              stack.enter_context(WorkerPool(workers, pin=pin)))
         else:
             stepper = make_stepper(loss_fn, layout, config, 0.05, execution)
-            bare = make_bare(loss_fn, particles, mode, chunk)
+            bare = make_bare(bare_loss, particles, mode, chunk)
         report = _time(stepper, bare, params, batch, initial_state(layout, config), repeats)
         report["workers"] = pool.size if pool else None
     report.update({
         "model": model, "input_shape": list(input_shape), "num_classes": num_classes,
         "batch_size": batch_size, "particles": particles, "repeats": repeats,
-        "particle_mode": particle_mode, "pinned": pin if pool else None, "conv_chunk": conv_chunk,
+        "requested": {"particle_mode": particle_mode, "conv_chunk": conv_chunk},
+        "particle_mode": mode, "execution": auto.summary(execution), "auto_reason": choice.reason,
+        "pinned": pin if pool else None, "conv_chunk": execution.conv_chunk,
         "prunable": int(sum(layout.mask_sizes)),
         "backend": jax.default_backend(), "device": jax.devices()[0].device_kind,
         "machine": platform.processor() or platform.machine(),
@@ -175,15 +192,16 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=512, help="images per particle")
     parser.add_argument("--particles", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--particle-mode", default="loop",
-                        help="loop, vmap, map:K, shard or processes")
+    parser.add_argument("--particle-mode", default="auto",
+                        help="auto (the library's default), loop, vmap, map:K, shard or processes")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes mode: worker processes (default: one per core)")
     parser.add_argument("--no-pin", action="store_true",
                         help="processes mode: leave the workers unpinned")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--conv-chunk", type=int, default=0,
-                        help="examples per convolution chunk (models.chunked_conv; 0: none)")
+    parser.add_argument("--conv-chunk", type=lambda t: t if t == "auto" else int(t),
+                        default="auto", help="examples per convolution chunk (0: whole batches; "
+                                             "auto: the library's default)")
     args = parser.parse_args(argv)
     report = run(
         model=args.model, input_shape=tuple(int(s) for s in args.input_shape.split(",")),
@@ -192,7 +210,7 @@ def main(argv=None) -> dict:
         workers=args.workers, pin=not args.no_pin, conv_chunk=args.conv_chunk,
     )
     print(f"{report['model']} n={report['particles']} batch {report['batch_size']} "
-          f"({report['particle_mode']}, {report['backend']}): "
+          f"({report['execution']}, {report['backend']}): "
           f"step {report['step_s_median']:.3f} s, bare {report['bare_s_median']:.3f} s, "
           f"overhead x{report['overhead']:.2f}, peak {report['peak_mb']:.0f} MB")
     print(json.dumps(report))

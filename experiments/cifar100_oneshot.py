@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         "prune_seconds": pruned.seconds,
         "retrain_seconds": retrain_s,
     }
-    print(sparsity_report(pruned.masks, dense["params"]).table())
+    print(sparsity_report(pruned.masks, final["params"], n_m=harness.n_m_of(args)).table())
     label = f"{100 * args.sparsity:g}% sparsity"
     title = harness.run_title(args, f"{args.pruner} at {label}, retrained "
                                     f"{harness.count(args.epochs, 'epoch')}")

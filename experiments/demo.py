@@ -24,12 +24,14 @@ import jax
 import sfpk_jax
 from experiments import harness
 from experiments.harness import environment, flag_checks, flags, progress, rundir
+from sfpk_jax.core import n_m
 from sfpk_jax.data import batch_iterator, load_digits, particle_batches
 from sfpk_jax.models import build
 from sfpk_jax.storage import files
 from sfpk_jax.tools import plots
 from sfpk_jax.train import (
     evaluate,
+    layers_of,
     make_loss_fn,
     recompute_batch_stats,
     sgd_cosine,
@@ -56,6 +58,10 @@ def parse_args(argv):
                         "mini-batches")
     p.add_argument("--sparsities", default="0.9,0.95,0.98",
                    help="comma-separated fractions of the prunable weights removed")
+    p.add_argument("--n-m", default=None, metavar="N:M,...",
+                   help="comma-separated N:M patterns (e.g. 2:4,1:4) to prune to instead of "
+                        "--sparsities: N kept of every M weights along each kernel's input axis, "
+                        "for both pruners")
     p.add_argument("--pretrain-epochs", type=int, default=40, help="epochs of dense training")
     p.add_argument("--retrain-epochs", type=int, default=10,
                    help="epochs of retraining after each pruning, masks held fixed")
@@ -72,9 +78,10 @@ def parse_args(argv):
                         "not given (flags given are kept as given)")
     p.add_argument("--no-progress", action="store_true", help=flags.NO_PROGRESS_HELP)
     args = p.parse_args(argv)
+    given = flag_checks.given_flags(p, argv)
     if args.smoke:
         sizes = {k: v for k, v in flag_checks.SMOKE.items() if hasattr(args, k)}
-        flag_checks.apply_smoke(args, flag_checks.given_flags(p, argv), {**sizes, **SMOKE})
+        flag_checks.apply_smoke(args, given, {**sizes, **SMOKE})
     train_size = len(load_digits(seed=args.seed).x_train) if args.seed >= 0 else 0
     harness.require([
         harness.sparsities_check(args.sparsities),
@@ -92,19 +99,45 @@ def parse_args(argv):
     ])
     harness.check_config(args)
     args.sparsities = harness.csv_items(args.sparsities, float)
+    args.patterns = [None] * len(args.sparsities)
+    if args.n_m is not None:
+        _n_m_sparsities(args, given)
     return args
 
 
-def prune(pruner, args, loss_fn, params, data, sparsity, index):
-    """Masks for one pruner and sparsity, and the SFPK trace (None for magnitude)."""
+def _n_m_sparsities(args, given: set[str]) -> None:
+    """``--n-m``'s patterns take the place of ``--sparsities`` (1 - N/M each)."""
+    if "sparsities" in given:
+        harness.fail(f"--n-m={args.n_m} and --sparsities={','.join(map(str, args.sparsities))} "
+                     "contradict each other: an N:M pattern sets its sparsity, give one of them")
+    try:
+        patterns = [n_m.parse(text, "--n-m") for text in args.n_m.split(",")]
+    except ValueError as err:
+        harness.fail(str(err))
+    args.patterns = [str(pattern) for pattern in patterns]
+    args.sparsities = [pattern.sparsity for pattern in patterns]
+
+
+def _label(sparsity: float, pattern: str | None) -> str:
+    return f"{100 * sparsity:g}% sparsity" + (f" ({pattern})" if pattern else "")
+
+
+def prune(pruner, args, model, data, sparsity, index, pattern):
+    """Masks for one pruner and sparsity (N:M ``pattern``, or None), and the SFPK trace
+    (None for magnitude)."""
+    apply_fn, dense = model
     if pruner == "magnitude":
-        return sfpk_jax.magnitude_prune(params, sparsity), None
+        # N:M groups run along each kernel's input axis, which the model's layers give.
+        layers = None if pattern is None else layers_of(apply_fn, dense, data.x_train.shape[1:])
+        return sfpk_jax.magnitude_prune(dense["params"], sparsity, prunable=layers,
+                                        mask_dim=pattern), None
     batches = particle_batches(
         data.x_train, data.y_train, args.particles, args.prune_batch_size, seed=(args.seed, index)
     )
-    result = sfpk_jax.sfpk_prune(loss_fn, params, batches, sparsity,
-                                 config=harness.sfpk_config(args),
-                                 execution=harness.execution(args), desc=f"SFPK {sparsity:g}")
+    result = sfpk_jax.sfpk_prune(make_loss_fn(apply_fn, dense), dense["params"], batches, sparsity,
+                                 config=harness.sfpk_config(args).replace(mask_dim=pattern),
+                                 execution=harness.execution(args),
+                                 desc=f"SFPK {pattern or f'{sparsity:g}'}")
     return result.masks, result.trace
 
 
@@ -160,16 +193,15 @@ def _run(args) -> int:
                                      weight_decay=5e-4))
     dense_acc = evaluate(apply_fn, dense, data.x_test, data.y_test)
     print(f"dense model: test accuracy {dense_acc:.4f} ({time.perf_counter() - start:.1f}s)")
-    loss_fn = make_loss_fn(apply_fn, dense)
 
     records, traces = [], {}
-    for index, sparsity in enumerate(args.sparsities):
+    for index, (sparsity, pattern) in enumerate(zip(args.sparsities, args.patterns)):
         for pruner in PRUNERS:
             t0 = time.perf_counter()
-            masks, trace = prune(pruner, args, loss_fn, dense["params"], data, sparsity, index)
+            masks, trace = prune(pruner, args, (apply_fn, dense), data, sparsity, index, pattern)
             prune_s = time.perf_counter() - t0
             if trace is not None:
-                traces[f"{100 * sparsity:g}% sparsity"] = trace
+                traces[_label(sparsity, pattern)] = trace
             pruned = {**dense, "params": sfpk_jax.apply_masks(dense["params"], masks)}
             bn_batches = batch_iterator(data.x_train, data.y_train, args.batch_size,
                                         seed=(args.seed, index, 1))
@@ -179,12 +211,13 @@ def _run(args) -> int:
             acc_pruned = evaluate(apply_fn, pruned, data.x_test, data.y_test)
             retrained = fit(
                 args, apply_fn, pruned, data, epochs=args.retrain_epochs, masks=masks,
-                desc=f"retrain {pruner} {sparsity:g}",
+                desc=f"retrain {pruner} {pattern or f'{sparsity:g}'}",
                 optimizer=sgd_cosine(0.01, args.retrain_epochs, steps_per_epoch, momentum=0.875),
             )
             records.append({
                 "pruner": pruner,
                 "sparsity": sparsity,
+                "n_m": pattern,
                 "achieved_sparsity": sfpk_jax.sparsity_of(masks),
                 "dense_acc": dense_acc,
                 "acc_pruned": acc_pruned,
@@ -194,19 +227,21 @@ def _run(args) -> int:
 
     files.write_json(out / "config.json",
                      {**vars(args), environment.KEY: environment.environment()})
-    title = (f"small_cnn on the 8x8 digits: SFPK ({harness.count(args.particles, 'particle')}, "
+    kind = f", N:M masks ({', '.join(args.patterns)})" if args.n_m else ""
+    title = (f"small_cnn on the 8x8 digits{kind}: SFPK ({harness.count(args.particles, 'particle')}, "
              f"{harness.count(args.steps, 'step')}) vs magnitude,\nretrained "
              f"{harness.count(args.retrain_epochs, 'epoch')}, seed {args.seed}")
     plots.accuracy_vs_sparsity(records, str(out / "accuracy_vs_sparsity.png"), dense_acc,
                                title=title)
     plots.sfpk_trace(traces, str(out / "sfpk_trace.png"), title=title,
-                     targets={f"{100 * s:g}% sparsity": 1.0 - s for s in args.sparsities})
+                     targets={_label(s, p): 1.0 - s for s, p in zip(args.sparsities, args.patterns)})
     files.write_json(out / "results.json", records)
 
-    print(f"\n{'pruner':<10} {'sparsity':>8} {'achieved':>8} {'acc_pruned':>11} {'acc_retrained':>14}")
+    print(f"\n{'pruner':<10} {'sparsity':>8} {'N:M':>5} {'achieved':>8} {'acc_pruned':>11} "
+          f"{'acc_retrained':>14}")
     for r in records:
-        print(f"{r['pruner']:<10} {r['sparsity']:>8.2f} {r['achieved_sparsity']:>8.4f} "
-              f"{r['acc_pruned']:>11.4f} {r['acc_retrained']:>14.4f}")
+        print(f"{r['pruner']:<10} {r['sparsity']:>8.2f} {r['n_m'] or '-':>5} "
+              f"{r['achieved_sparsity']:>8.4f} {r['acc_pruned']:>11.4f} {r['acc_retrained']:>14.4f}")
     print(f"dense accuracy {dense_acc:.4f}; results in {out} "
           f"({time.perf_counter() - start:.0f}s in all)")
     return 0

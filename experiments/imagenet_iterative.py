@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         "prune_seconds": prune_s,
         "retrain_seconds": finetune_s,
     }
-    print(sparsity_report(pruned.masks, variables["params"]).table())
+    print(sparsity_report(pruned.masks, variables["params"], n_m=harness.n_m_of(args)).table())
     title = harness.run_title(args, f"{args.pruner}, {harness.count(args.rounds, 'round')} to "
                                     f"{100 * args.sparsity:g}% sparsity, then "
                                     f"{harness.count(args.epochs, 'epoch')}")

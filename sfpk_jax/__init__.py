@@ -13,7 +13,8 @@ The public API:
   :class:`StatefulLoss`; :func:`prune` and :func:`register_pruner` for every
   pruner by name, :func:`magnitude_prune`; results :class:`SFPKResult` and
   :class:`PruneResult` (both have ``.masks``);
-* masks: :func:`apply_masks`, :func:`sparsity_of`, :func:`sparsity_report`;
+* masks: :func:`apply_masks`, :func:`sparsity_of`, :func:`sparsity_report`,
+  :func:`is_n_m` (which kernels break an N:M pattern such as 2:4);
 * your own model and loop: :func:`split_nnx`, :func:`split_equinox` (Linen
   needs nothing), :func:`keep_masked` (masked training as an optax
   transformation), :func:`recompute_batch_stats` (batch norm after pruning),
@@ -28,6 +29,7 @@ zoo and training loops in :mod:`sfpk_jax.data`, :mod:`sfpk_jax.models` and
 """
 
 from sfpk_jax.core.masks import apply_masks, sparsity_of
+from sfpk_jax.core.n_m import is_n_m
 from sfpk_jax.interop import split_equinox, split_nnx
 from sfpk_jax.parallel.worker_pool import WorkerError
 from sfpk_jax.pruners import PruneResult, magnitude_prune, prune, register_pruner
@@ -57,6 +59,7 @@ __all__ = [
     "StatefulLoss",
     "WorkerError",
     "apply_masks",
+    "is_n_m",
     "keep_masked",
     "load_masked",
     "magnitude_prune",

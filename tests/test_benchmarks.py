@@ -17,10 +17,14 @@ def _last_json(capsys) -> dict:
     return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["loop", "vmap", "processes"])
+@pytest.mark.parametrize("mode", ["auto", "loop", "vmap", "processes"])
 def test_sfpk_step_tiny(capsys, mode):
     sfpk_step.main(TINY + ["--particle-mode", mode])
     report = _last_json(capsys)
+    assert report["requested"] == {"particle_mode": mode, "conv_chunk": "auto"}
+    if mode == "auto":  # a tiny run: no worker processes
+        assert report["auto_reason"] and report["particle_mode"] == "loop"
+        mode = "loop"
     for key in ("step_s_median", "bare_s_median", "overhead", "peak_mb"):
         assert isinstance(report[key], float), key
     for key in ("step_s_median", "bare_s_median", "overhead"):

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from experiments.harness import compile_cache
+from sfpk_jax.parallel import compile_cache as library_cache
 
 CACHE_HIT = "/jax/compilation_cache/cache_hits"
 
@@ -46,8 +47,7 @@ def restore_cache():
     before = jax.config.jax_compilation_cache_dir
     yield
     if before is None:
-        jax.config.update("jax_compilation_cache_dir", None)
-        compile_cache.compilation_cache.reset_cache()
+        library_cache.apply({"jax_compilation_cache_dir": None})
     else:
         compile_cache.enable(before)
 

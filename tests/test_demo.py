@@ -36,8 +36,8 @@ def test_demo_writes_results_and_is_deterministic(tmp_path, capsys):
     records = json.loads((first / "results.json").read_text())
     assert {r["pruner"] for r in records} == {"sfpk", "magnitude"}
     for r in records:
-        assert set(r) == {"pruner", "sparsity", "achieved_sparsity", "dense_acc", "acc_pruned",
-                          "acc_retrained", "prune_seconds"}
+        assert set(r) == {"pruner", "sparsity", "n_m", "achieved_sparsity", "dense_acc",
+                          "acc_pruned", "acc_retrained", "prune_seconds"}
         assert r["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
         assert 0.0 <= r["acc_pruned"] <= 1.0 and 0.0 <= r["acc_retrained"] <= 1.0
     assert records[0]["dense_acc"] == records[1]["dense_acc"]

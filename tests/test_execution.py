@@ -50,7 +50,7 @@ def test_describe_is_json_able_and_replace_validates():
     mesh = sharding.particle_mesh(jax.devices()[:1])
     described = Execution(particle_mode="shard", mesh=mesh, progress=False).describe()
     assert described == {"particle_mode": "shard", "workers": None, "particle_chunk": 1,
-                         "compute_dtype": "float32",
+                         "conv_chunk": "auto", "compute_dtype": "float32",
                          "mesh": {sharding.PARTICLES: 1, sharding.BATCH: 1}}
     with pytest.raises(ConfigError, match="particle_chunk"):
         Execution().replace(particle_chunk=0)

@@ -187,6 +187,13 @@ BAD_FLAGS = [
     ("oneshot", ["--seed", "-1"], "--seed", "an integer in [0, "),
     ("oneshot", ["--data-workers", "-1"], "--data-workers", "in [0, "),
     ("oneshot", ["--conv-chunk", "-1"], "--conv-chunk", ">= 0"),
+    ("oneshot", ["--n-m", "2/4"], "--n-m", "'2/4'"),
+    ("oneshot", ["--n-m", "0:4"], "--n-m", "0 < N < M"),
+    ("oneshot", ["--n-m", "5:4"], "--n-m", "0 < N < M"),
+    ("oneshot", ["--n-m", "2:7"], "--n-m", "7"),
+    ("oneshot", ["--n-m", "2:4", "--sparsity", "0.9"], "--n-m", "leave --sparsity out"),
+    ("oneshot", ["--n-m", "2:4", "--mask-dim", "out"], "--n-m", "contradict"),
+    ("iterative", ["--n-m", "x"], "--n-m", "'x'"),
     ("pretrain", ["--checkpoint-steps", "0"], "--checkpoint-steps", ">= 1"),
     ("oneshot", ["--pretrain-epochs", "-1"], "--pretrain-epochs", ">= 0"),
     ("oneshot", ["--pretrain-epochs", "0"], "--dense-checkpoint", "no dense model"),
@@ -228,6 +235,8 @@ BAD_FLAGS = [
     ("demo", ["--lr", "nan"], "--lr", "nan"),
     ("demo", ["--repulsion", "-1"], "--repulsion", ">= 0"),
     ("demo", ["--bogus"], "--bogus", "unrecognized"),
+    ("demo", ["--n-m", "2:4,5:4"], "--n-m", "0 < N < M"),
+    ("demo", ["--n-m", "2:4", "--sparsities", "0.5"], "--n-m", "contradict"),
 ]
 
 
@@ -348,7 +357,7 @@ def test_resume_may_change_how_a_run_executes_but_not_what_it_computes(tmp_path,
     harness.start(cifar100_oneshot.parse_args([*argv, "--resume", "--particle-mode", "vmap",
                                                "--compute-dtype", "bfloat16"]))
     err = capsys.readouterr().err
-    assert "warning: resuming with --particle-mode='vmap' (the run used 'loop')" in err
+    assert "warning: resuming with --particle-mode='vmap' (the run used 'auto')" in err
     assert "--compute-dtype='bfloat16'" in err
     changes = json.loads((out / "config.json").read_text())["resume_changes"]
     assert {c["flag"] for c in changes} == {"--particle-mode", "--compute-dtype"}

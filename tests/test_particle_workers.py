@@ -7,6 +7,8 @@
 * A simulation checkpointed under worker processes resumes under another
   execution (``loop``, other worker counts), which is announced, and ends
   with the masks of an uninterrupted run.
+* Workers cache their compiled program on disk (the parent's cache folder,
+  else the default one): a second pool loads it instead of compiling.
 * A worker pool refuses a bad worker count; ``make_stepper`` sends the mode
   to ``sfpk_prune`` (which starts the workers).
 """
@@ -26,6 +28,7 @@ import pytest
 import sfpk_jax
 from sfpk_jax import CheckpointPolicy, Execution, SFPKConfig
 from sfpk_jax.core.masks import MaskLayout
+from sfpk_jax.parallel import compile_cache
 from sfpk_jax.parallel.worker_pool import WorkerError, WorkerPool
 
 pytestmark = pytest.mark.slow
@@ -172,3 +175,45 @@ def test_bad_worker_counts_and_make_stepper_are_refused(mlp):
     with pytest.raises(ValueError, match="sfpk_prune starts them"):
         sfpk_jax.sfpk.make_stepper(mlp.loss_fn, MaskLayout.from_params(mlp.params), config, 0.3,
                                    Execution("processes"))
+
+
+@pytest.fixture
+def own_cache(tmp_path):
+    """This process caches its programs in a fresh folder for the test."""
+    before = jax.config.jax_compilation_cache_dir
+    compile_cache.enable(tmp_path / "cache")
+    yield tmp_path / "cache"
+    compile_cache.apply({"jax_compilation_cache_dir": before})
+
+
+def _entries(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in folder.iterdir()}
+
+
+def test_a_second_pool_loads_the_program_from_the_cache(own_cache):
+    # A constant of this test's own, so that no earlier program matches.
+    fn = jax.jit(lambda w, x: (w * x).sum() + 0.123456)
+    exported = jax.export.export(fn)(np.ones(3, np.float32), np.ones(3, np.float32)).serialize()
+    with WorkerPool(2) as pool:
+        pool.load(exported, (np.full(3, 2.0, np.float32),))
+        assert pool.map([(np.ones(3, np.float32),)] * 2) == pytest.approx([6.123456] * 2)
+    written = _entries(own_cache)
+    assert written, "the workers wrote no program to the parent's cache folder"
+    with WorkerPool(2) as pool:
+        pool.load(exported, (np.full(3, 2.0, np.float32),))
+        assert pool.map([(np.ones(3, np.float32),)]) == pytest.approx([6.123456])
+    # A miss would compile and write the entry again.
+    assert _entries(own_cache) == written
+
+
+def test_workers_cache_in_the_parents_folder_else_the_default(monkeypatch, tmp_path, own_cache):
+    assert compile_cache.for_workers() == own_cache
+    compile_cache.apply({"jax_compilation_cache_dir": None})
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "env"))
+    assert compile_cache.for_workers() == tmp_path / "env"
+    assert (tmp_path / "env").is_dir()
+    monkeypatch.setenv(compile_cache.ENV, "off")
+    assert compile_cache.for_workers() is None
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv(compile_cache.ENV, str(tmp_path / "file"))
+    assert compile_cache.for_workers() is None

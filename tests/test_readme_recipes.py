@@ -93,3 +93,33 @@ def test_recipe_prunes_to_the_target_and_retrains_with_zeros_kept(name, capsys):
     # classifies well (with stale statistics a pruned model can fall to chance).
     dense, pruned = map(float, re.search(r"dense ([\d.]+), right after pruning ([\d.]+)", out).groups())
     assert dense > 0.8 and pruned > 0.7, out
+
+
+def test_the_2_4_recipe_keeps_two_of_every_four_while_retraining(capsys):
+    blocks = re.findall(r"```python\n(.*?)```", _section(README, "## 2:4 masks", "\n## "),
+                        flags=re.S)
+    assert len(blocks) == 1, "the README's 2:4 section is one python block"
+    namespace = _run(blocks[0], "README.md (2:4)", "readme_2_4")
+    masks, params = namespace["masks"], namespace["params"]
+    kernels = {path: m for path, m in zip(*_paths_and_leaves(masks)) if m is not None}
+    # Every kernel but the first (its input is the image's one channel) takes the pattern.
+    assert sorted(kernels) == ["Conv_1/kernel", "Dense_0/kernel", "Dense_1/kernel"]
+    for path, m in kernels.items():
+        groups = np.asarray(m).reshape(*m.shape[:-2], m.shape[-2] // 4, 4, m.shape[-1])
+        assert np.all(groups.sum(axis=-2) == 2), path
+        p = np.asarray(_leaf(params, path))
+        assert np.all(p[np.asarray(m) == 0] == 0), path  # the pattern held while training
+    out = capsys.readouterr().out
+    assert out.startswith("()") and "regrown" not in out
+
+
+def _paths_and_leaves(tree):
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+    return ["/".join(str(getattr(k, "key", k)) for k in path) for path, _ in flat], \
+        [leaf for _, leaf in flat]
+
+
+def _leaf(tree, path: str):
+    for key in path.split("/"):
+        tree = tree[key]
+    return tree

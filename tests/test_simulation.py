@@ -68,11 +68,13 @@ def _host_copy(result):
 
 @pytest.fixture(scope="module")
 def base(mlp):
-    """One default-mode (loop) run of the MLP with distinct per-particle batches."""
+    """One loop-mode run of the MLP with distinct per-particle batches."""
     batches = mlp.batches_list(N, STEPS, seed=0)
     loss = CountingLoss(mlp.loss_fn)
     counted, seen = _counting_batches(batches, loss)
-    result = sfpk_prune(loss, mlp.params, counted, 0.5, config=_config())
+    # loop named: auto would trace the loss once more, to estimate the run's work.
+    result = sfpk_prune(loss, mlp.params, counted, 0.5, config=_config(),
+                        execution=Execution(particle_mode="loop"))
     return dict(result=_host_copy(result), batches=batches, traces=seen + [loss.traces])
 
 

@@ -50,6 +50,7 @@ from experiments.harness.flags import (
     add_recipe_flags,
     execution,
     fail,
+    n_m_of,
     one_line_errors,
     sfpk_config,
 )
@@ -81,7 +82,7 @@ __all__ = [
     "batch_split_check", "build_model", "check_config", "count", "csv_items", "dense_model",
     "eval_accuracy", "fail",
     "finish_args", "finite", "fit", "guarded", "list_check", "loaders", "mask_results",
-    "one_line_errors", "open_data", "out_check", "positive_ints", "prune_model", "recipe_checks", "recompute_bn",
+    "n_m_of", "one_line_errors", "open_data", "out_check", "positive_ints", "prune_model", "recipe_checks", "recompute_bn",
     "remember", "require", "run", "run_title", "save_checkpoint", "setup", "sfpk_config",
     "sparsities_check", "start", "summarize", "trace_targets", "write_outputs",
 ]

@@ -24,11 +24,13 @@ from experiments.harness.flags import (
 )
 from experiments.harness.outdir import check_out_state, inputs_kept
 from sfpk_jax import ConfigError, Execution, SFPKConfig, pruners
+from sfpk_jax.core import channels, n_m
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import DATASETS
 from sfpk_jax.models import build, registered
 from sfpk_jax.models.registry import default_input_shape
 from sfpk_jax.parallel.worker_pool import max_workers
+from sfpk_jax.sfpk import auto
 
 # What --smoke sets the common size flags to when they are not given; scripts
 # add their own.
@@ -175,8 +177,8 @@ def common_checks(args: argparse.Namespace) -> list[Check]:
               _int(args.data_workers) and 0 <= args.data_workers <= max_workers(),
               f"an integer in [0, {max_workers()}] (4 worker processes per core at most)"),
         Check("--conv-chunk", args.conv_chunk,
-              args.conv_chunk is None or (_int(args.conv_chunk) and args.conv_chunk >= 0),
-              "an integer >= 0"),
+              args.conv_chunk == "auto" or (_int(args.conv_chunk) and args.conv_chunk >= 0),
+              "an integer >= 0 or auto"),
         Check("--pretrain-epochs", args.pretrain_epochs, args.pretrain_epochs >= 0,
               "an integer >= 0"),
         Check("--seed", args.seed, 0 <= args.seed < SEED_LIMIT,
@@ -268,6 +270,26 @@ def check_config(args: argparse.Namespace) -> None:
         require([Check(field_flag(cls, err.field), err.value, False, err.expected)])
 
 
+def n_m_checks(args: argparse.Namespace, given: set[str]) -> None:
+    """``--n-m N:M`` sets ``--mask-dim N:M`` and ``--sparsity 1 - N/M``; a contradiction stops.
+
+    The resolved flags are what config.json records and a resume compares.
+    """
+    if args.n_m is None:
+        return
+    try:
+        pattern = n_m.parse(args.n_m, "--n-m")
+    except ValueError as err:
+        fail(str(err))
+    if args.mask_dim not in (None, str(pattern)):
+        fail(f"--n-m={args.n_m} and --mask-dim={args.mask_dim} contradict each other: --n-m "
+             "sets the mask kind, give one of them")
+    if "sparsity" in given and abs(args.sparsity - pattern.sparsity) > 1e-4:
+        fail(f"--n-m={args.n_m} keeps {pattern.n} of every {pattern.m} weights, a sparsity of "
+             f"{pattern.sparsity:g}, not --sparsity={args.sparsity:g}: leave --sparsity out")
+    args.mask_dim, args.sparsity = str(pattern), pattern.sparsity
+
+
 def finish_args(parser: argparse.ArgumentParser, argv,
                 checks: Iterable[Callable[[argparse.Namespace], list[Check]]] = (), *,
                 smoke: dict | None = None, needs_dense: bool = False,
@@ -306,15 +328,15 @@ def finish_args(parser: argparse.ArgumentParser, argv,
             # The dense model is trained here (1 epoch) unless a file gives it.
             other = args.dense_checkpoint or (dense_flag and getattr(args, dense_flag))
             args.pretrain_epochs = 0 if other else SMOKE["pretrain_epochs"]
+    n_m_checks(args, given_flags(parser, argv))
     require([*common_checks(args), *(process_checks(args) if needs_dense else []),
              *(c for more in checks for c in more(args)), out_check(args),
              compile_cache_check(args)])
     check_config(args)
-    # The default resolved here, so that config.json records the chunk used and
-    # a --resume on another backend announces the change: 32 on CPU (measured
-    # fastest), 0 elsewhere (unmeasured).
-    if args.conv_chunk is None:
-        args.conv_chunk = 32 if jax.default_backend() == "cpu" else 0
+    # Resolved here, so that config.json records the chunk used and a --resume
+    # on another backend announces the change.
+    if args.conv_chunk == "auto":
+        args.conv_chunk = auto.conv_chunk()
     if needs_dense:
         _check_dense_source(args, dense_flag)
     _check_prunable(args)
@@ -386,11 +408,13 @@ def _check_prunable(args: argparse.Namespace) -> None:
                           default_input_shape(args.model)[1:])
         layout = MaskLayout.from_params(shapes["params"], layers, args.mask_dim)
     except ValueError as err:
+        if args.n_m is not None:
+            fail(f"--n-m={args.n_m} does not fit --model={args.model}: {err}")
         fail(f"--model={args.model!r} is not allowed: expected a model with prunable weights "
              f"({err})")
     low = max(1.0 / layout.total, FLOAT32_STEP)
     high = 1.0 - low
-    units = "prunable channels" if args.mask_dim is not None else "prunable weights"
+    units = "prunable channels" if channels.is_channel(args.mask_dim) else "prunable weights"
     require([Check("--sparsity", args.sparsity, low <= args.sparsity <= high,
                    f"a fraction in [{low:.3g}, {high:.6g}]: it must remove at least one of the "
                    f"{layout.total:,} {units} of --model={args.model} and keep one")])

@@ -10,6 +10,7 @@ import typing
 
 from experiments.harness import compile_cache
 from sfpk_jax import pruners
+from sfpk_jax.core import n_m
 from sfpk_jax.data import DATASETS
 from sfpk_jax.parallel.sharding import default_mesh
 from sfpk_jax.sfpk import Execution, SFPKConfig, fields
@@ -137,15 +138,21 @@ def add_execution_flags(parser: argparse.ArgumentParser, *, mesh_batch: bool = T
         g.add_argument("--mesh-batch", type=int, default=1,
                        help="--particle-mode shard: devices that split each particle's mini-batch "
                             "(the rest split the particles)")
-        g.add_argument("--conv-chunk", type=int, default=None,
-                       help="run every convolution over chunks of this many examples: the same "
-                            "model up to float rounding, and on CPU faster SFPK steps at batches "
-                            "of 128 and more (benchmarks/RESULTS.md); 0: whole batches. Default: "
-                            "32 on CPU, 0 on accelerators")
+        g.add_argument("--conv-chunk", type=_chunk, default="auto",
+                       help="run the model's convolutions (training, evaluation and pruning) "
+                            "over chunks of this many examples: the same model up to float "
+                            "rounding, faster on a CPU at batches of 128 and more "
+                            "(benchmarks/RESULTS.md); 0: whole batches; auto (the default): 32 "
+                            "on a CPU, 0 on accelerators")
         g.add_argument("--data-parallel", action="store_true",
                        help="(re)train data-parallel: every batch split over all devices (always "
                             "so with --num-processes > 1)")
     EXECUTION_DESTS.update({a.dest for a in parser._actions} - before)
+
+
+def _chunk(text: str) -> int | str:
+    """``--conv-chunk``'s value: ``auto`` or an int (checked with the other flags)."""
+    return text if text == "auto" else int(text)
 
 
 def sfpk_config(args: argparse.Namespace) -> SFPKConfig:
@@ -170,9 +177,26 @@ def execution(args: argparse.Namespace, particles: int | None = None) -> Executi
       sfpk_jax.ConfigError: a flag holds a value the execution does not allow.
     """
     values = _by_field(Execution, vars(args))
+    if "conv_chunk" in values:
+        # The model of build_model runs its convolutions in chunks of --conv-chunk already.
+        values["conv_chunk"] = 0
     if values.get("particle_mode") == "shard" and getattr(args, "mesh_batch", 1) > 1:
         values["mesh"] = default_mesh(particles or args.particles, args.mesh_batch)
     return Execution(**{**values, "progress": bars(args)})
+
+
+def add_n_m_flag(group, help_more: str = "") -> None:
+    """``--n-m N:M``: N:M masks (resolved by ``flag_checks.n_m_checks``)."""
+    group.add_argument("--n-m", default=None, metavar="N:M",
+                       help="keep N of every M consecutive weights along each kernel's input axis "
+                            "(2:4 is what NVIDIA's sparse tensor cores run): sets --mask-dim N:M "
+                            f"and --sparsity 1 - N/M{help_more}")
+
+
+def n_m_of(args: argparse.Namespace) -> str | None:
+    """The run's N:M pattern (``"2:4"``), or None when its masks are not N:M."""
+    pattern = n_m.from_mask_dim(getattr(args, "mask_dim", None))
+    return None if pattern is None else str(pattern)
 
 
 def prunable(args: argparse.Namespace, apply_fn, variables: dict, image_shape):
@@ -236,6 +260,7 @@ def add_common_flags(parser: argparse.ArgumentParser, **defaults) -> None:
     g.add_argument("--sparsity", type=float, default=d["sparsity"],
                    help="fraction of prunable weights removed (0.95 keeps 5%%)")
     add_config_flags(g, "scope", "mask_dim", "dynamics_scope", "local_polarizer", **config)
+    add_n_m_flag(g)
     g.add_argument("--batch-size", type=int, default=d["batch_size"], help="training batch size")
     g.add_argument("--pretrain-epochs", type=int, default=d["pretrain_epochs"],
                    help="epochs of dense pretraining when no --dense-checkpoint is given")

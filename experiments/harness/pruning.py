@@ -11,6 +11,7 @@ from typing import Any, NamedTuple
 import jax
 import numpy as np
 
+from experiments.harness.edge import disk_full
 from experiments.harness.flags import execution, fail, prunable, sfpk_config
 from experiments.harness.outdir import DAMAGED, checkpoint_dir, slug
 from experiments.harness.progress import LOG
@@ -23,7 +24,7 @@ from sfpk_jax import (
     prune,
     sparsity_of,
 )
-from sfpk_jax.core import channels, topk
+from sfpk_jax.core import channels, n_m, topk
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import particle_loader
 from sfpk_jax.pruners import PrunerOutputError, spec
@@ -116,9 +117,11 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
     method = args.pruner
     needs = spec(method)
     particles = args.particles if needs.particles is None else needs.particles
+    layers, mask_dim = _mask_kind(args, apply_fn, variables, bundle, sparsity)
     options: dict[str, Any] = {}
     if needs.simulation:
-        options = {"config": sfpk_config(args), "execution": execution(args, particles),
+        options = {"config": sfpk_config(args).replace(mask_dim=mask_dim),
+                   "execution": execution(args, particles),
                    "init": init,
                    "checkpoint": CheckpointPolicy(checkpoint_dir(args) / f"sfpk-{name}",
                                                   args.checkpoint_every, args.resume)}
@@ -142,13 +145,12 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
         # A simulation takes the batches as a function of the first step, so
         # that a resumed one reads from there without replaying the others.
         batches = stream if needs.simulation else stream()
-    layers = prunable(args, apply_fn, variables, bundle.image_shape)
     LOG.info("%s %s: pruning to %.4g%% sparsity", method, name, 100 * sparsity)
     t0 = time.perf_counter()
     try:
         result = prune(method, make_loss_fn(apply_fn, variables), variables["params"], batches,
                        sparsity, scope=args.scope, key=jax.random.key(args.seed),
-                       mask_dim=args.mask_dim, prunable=layers, **options)
+                       mask_dim=mask_dim, prunable=layers, **options)
     except FloatingPointError as err:
         fail(f"pruning with {method} diverged: {err}. {DIVERGED_FIX}")
     except ResumeError as err:
@@ -160,6 +162,8 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
     except PrunerOutputError as err:
         fail(f"{err}; nothing was saved", code=1)
     except Exception as err:  # noqa: BLE001 - the pruner's own failure (a registered one, say)
+        if disk_full(err) is not None:
+            raise  # a checkpoint's write: the edge's one line, with --resume
         _pruner_raised(method, err)
     finally:
         # Endless streams: their worker processes stop only when closed.
@@ -168,9 +172,25 @@ def _prune(args, bundle, apply_fn, variables, sparsity, init, seed_offset, name)
     jax.block_until_ready(jax.tree_util.tree_leaves(result.masks))
     seconds = time.perf_counter() - t0
     _check_reached(method, result.masks, variables["params"], sparsity, args.scope,
-                   layers, args.mask_dim)
+                   layers, mask_dim)
     LOG.info("%s %s: pruned in %.1f s", method, name, seconds)
     return Pruned(result.masks, result, seconds)
+
+
+def _mask_kind(args, apply_fn, variables, bundle, sparsity: float):
+    """``(prunable, mask_dim)`` of one pruning to ``sparsity``.
+
+    A gradual run to an N:M pattern prunes its rounds on the way (lower
+    sparsities, which no N:M pattern has) unstructured, over the kernels that
+    the pattern groups; its last round makes the groups, keeping N of each
+    group's surviving weights (a pruned weight never comes back).
+    """
+    layers = prunable(args, apply_fn, variables, bundle.image_shape)
+    pattern = n_m.from_mask_dim(args.mask_dim)
+    if pattern is None or abs(sparsity - pattern.sparsity) <= 1e-6:
+        return layers, args.mask_dim
+    grouped = set(MaskLayout.from_params(variables["params"], layers, args.mask_dim).paths)
+    return (lambda path, _: path in grouped), None
 
 
 def _worker_failure(err: WorkerError) -> str:
@@ -207,14 +227,15 @@ def _check_reached(method: str, masks, params, sparsity: float, scope: str, laye
     """
     layout = MaskLayout.from_params(params, layers, mask_dim)
     wanted = topk.remove_counts(layout.mask_sizes,
-                                channels.mask_sparsity(sparsity, mask_dim is not None), scope)
+                                channels.mask_sparsity(sparsity, channels.is_channel(mask_dim)),
+                                scope)
     removed = [0 if m is None else int(np.sum(np.asarray(m) == 0)) for m in layout.gather(masks)]
     short = ([("all prunable leaves", sum(removed), wanted, sum(layout.mask_sizes))]
              if scope == "global" else
              [(p, r, w, n) for p, r, w, n in zip(layout.paths, removed, wanted, layout.mask_sizes)])
     for where, got, want, size in short:
         if got < want:
-            unit = "channels" if mask_dim is not None else "entries"
+            unit = "channels" if channels.is_channel(mask_dim) else "entries"
             fail(f"pruner {method!r} returned masks that remove {got} of the {size} {unit} of "
                  f"{where}, fewer than --sparsity={sparsity:g} asks ({want}; the masks' sparsity "
                  f"is {sparsity_of(masks, params):.4f}); no result is saved", code=1)

@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from experiments.harness.distributed import is_main
+from sfpk_jax.core import channels
 from sfpk_jax.storage import files
 from sfpk_jax.tools import plots
 from sfpk_jax.tools.sparsity_report import sparsity_report
@@ -104,7 +105,7 @@ def trace_targets(args, sparsities: dict[str, float]) -> dict[str, float]:
     Only for weight masks: channel masks are simulated at another density
     than the weights' (the kept channels per layer), so no line is drawn.
     """
-    if getattr(args, "mask_dim", None) is not None:
+    if channels.is_channel(getattr(args, "mask_dim", None)):
         return {}
     return {label: 1.0 - sparsity for label, sparsity in sparsities.items()}
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -30,6 +32,7 @@ from sfpk_jax.core.masks import MaskLayout, apply_masks
 from sfpk_jax.data import DataBundle, DatasetNotFoundError, Loader, load, shard
 from sfpk_jax.models import build
 from sfpk_jax.parallel import sharding
+from sfpk_jax.parallel.conv_chunks import chunk_convolutions
 from sfpk_jax.storage import checkpoint_files as checkpoints
 from sfpk_jax.train import (
     evaluate_batches,
@@ -83,11 +86,30 @@ def open_data(args: argparse.Namespace, prunes: bool = True) -> DataBundle:
     return bundle
 
 
+@dataclasses.dataclass(frozen=True)
+class ChunkedApply:
+    """A zoo ``apply_fn(variables, x, train)`` with its convolutions over chunks of ``chunk``.
+
+    Frozen, so that jitted steps keyed by the apply function are reused.
+    """
+
+    apply_fn: Callable
+    chunk: int
+
+    def __call__(self, variables, x, train):
+        return chunk_convolutions(lambda v, x: self.apply_fn(v, x, train), self.chunk)(variables, x)
+
+
 def build_model(args: argparse.Namespace, bundle: DataBundle):
-    """``(apply_fn, variables)`` for ``--model`` on the dataset's shapes."""
+    """``(apply_fn, variables)`` for ``--model`` on the dataset's shapes.
+
+    The apply function runs its convolutions in chunks of ``--conv-chunk``
+    examples, in training and evaluation as in pruning.
+    """
     apply_fn, variables = build(args.model, num_classes=bundle.num_classes,
-                                key=jax.random.key(args.seed), input_shape=(1, *bundle.image_shape),
-                                conv_chunk=args.conv_chunk)
+                                key=jax.random.key(args.seed), input_shape=(1, *bundle.image_shape))
+    if args.conv_chunk:
+        apply_fn = ChunkedApply(apply_fn, args.conv_chunk)
     try:
         MaskLayout.from_params(variables["params"], prunable(args, apply_fn, variables,
                                                              bundle.image_shape), args.mask_dim)

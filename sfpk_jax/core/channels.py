@@ -23,6 +23,14 @@ MaskDim = Literal["out", "in"]
 MASK_DIMS: tuple[str, ...] = get_args(MaskDim)
 
 
+def is_channel(mask_dim) -> bool:
+    """Whether ``mask_dim`` asks for channel masks (``"out"`` or ``"in"``).
+
+    The other values are None (unstructured) and ``"N:M"`` (N:M masks, see
+    :mod:`sfpk_jax.core.n_m`), both masks of the kernels' full shape.
+    """
+    return isinstance(mask_dim, str) and mask_dim in MASK_DIMS
+
 # (output axis, input axis) of a weight, by the name frameworks give it.
 _AXES_BY_NAME = {"kernel": (-1, -2), "weight": (0, 1)}
 
@@ -45,14 +53,15 @@ def mask_shape(shape: tuple[int, ...], mask_dim: str | None,
 
     Args:
       shape: the parameter's shape.
-      mask_dim: None (unstructured), ``"out"`` or ``"in"`` channels.
+      mask_dim: None (unstructured), ``"out"`` or ``"in"`` channels, or
+        ``"N:M"`` (full-shaped, as unstructured).
       axes: the leaf's (output, input) channel axes, or None for a leaf that
         stays unstructured (a bias: one entry per channel already).
 
     Returns:
       The broadcastable mask shape.
     """
-    if mask_dim is None or axes is None:
+    if not is_channel(mask_dim) or axes is None:
         return tuple(shape)
     axis = axes[0] if mask_dim == "out" else axes[1]
     return tuple(d if i == axis else 1 for i, d in enumerate(shape))

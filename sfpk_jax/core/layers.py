@@ -253,6 +253,26 @@ def trace_layers(loss_fn: Callable[[Any, Any], jax.Array], params: Any, batch: A
                   inputs=frozenset(paths[i] for i in reader.inputs))
 
 
+def first_batch(batches: Any) -> tuple[Any, Any]:
+    """The first batch of the pruners' ``batches``, and the batches as given.
+
+    Args:
+      batches: an iterable, or a function ``start -> iterable``, of batches.
+
+    Returns:
+      ``(first, batches)``: ``first`` is None when there is none; an
+      iterator that was read from is handed back with its first batch put
+      back in front.
+    """
+    if batches is None:
+        return None, None
+    if callable(batches):
+        return next(iter(batches(0)), None), batches
+    stream = iter(batches)
+    first = next(stream, None)
+    return first, (stream if first is None else itertools.chain([first], stream))
+
+
 def layers_from_batches(loss_fn: Callable, params: Any, batches: Any) -> tuple[Layers, Any]:
     """The model's layers, traced with the first batch of ``batches``; and the batches as given.
 
@@ -264,22 +284,17 @@ def layers_from_batches(loss_fn: Callable, params: Any, batches: Any) -> tuple[L
         first particle's slice is traced).
 
     Returns:
-      ``(layers, batches)``: an iterator that was read from is handed back
-      with its first batch put back in front.
+      ``(layers, batches)``, the batches as :func:`first_batch` hands them back.
 
     Raises:
       ValueError: there is no batch to trace the loss with.
     """
     if batches is None:
-        raise ValueError("channel masks read the model's layers off its loss on one batch: pass "
-                         "batches (one is read), or prunable=trace_layers(loss_fn, params, batch)")
-    if callable(batches):
-        first = next(iter(batches(0)), None)
-    else:
-        stream = iter(batches)
-        first = next(stream, None)
-        batches = stream if first is None else itertools.chain([first], stream)
+        raise ValueError("channel and N:M masks read the model's layers off its loss on one "
+                         "batch: pass batches (one is read), or prunable=trace_layers(loss_fn, "
+                         "params, batch)")
+    first, batches = first_batch(batches)
     if first is None:
-        raise ValueError("batches is empty: channel masks read the model's layers off its loss "
-                         "on the first batch")
+        raise ValueError("batches is empty: channel and N:M masks read the model's layers off "
+                         "its loss on the first batch")
     return trace_layers(loss_fn, params, jax.tree.map(lambda x: x[0], first)), batches

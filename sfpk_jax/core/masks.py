@@ -17,6 +17,7 @@ import numpy as np
 
 from sfpk_jax.core import channels
 from sfpk_jax.core.mask_checks import check_values, named_masks, path_to_str
+from sfpk_jax.core.n_m import NM, check_groups, from_mask_dim
 from sfpk_jax.core.selection import Prunable, select
 
 PyTree = Any
@@ -41,6 +42,9 @@ class MaskLayout:
       tied: ``(position among the flattened leaves, kernel position in
         index, shape)`` of the biases whose masks follow their kernel's
         channel mask (channel masks ``"out"``): no prunable leaves of their own.
+      n_m: the N:M pattern of N:M masks (``mask_dim="N:M"``), else None.
+      in_axes: with N:M masks, every prunable leaf's input axis (its groups
+        run along it); else empty.
     """
 
     treedef: Any
@@ -49,10 +53,12 @@ class MaskLayout:
     shapes: tuple[tuple[int, ...], ...]
     mask_shapes: tuple[tuple[int, ...], ...]
     tied: tuple[tuple[int, int, tuple[int, ...]], ...] = ()
+    n_m: NM | None = None
+    in_axes: tuple[int, ...] = ()
 
     @classmethod
     def from_params(
-        cls, params: PyTree, prunable: Prunable = None, mask_dim: channels.MaskDim | None = None
+        cls, params: PyTree, prunable: Prunable = None, mask_dim: str | None = None
     ) -> "MaskLayout":
         """The layout of ``params``.
 
@@ -62,17 +68,19 @@ class MaskLayout:
             None, a regex, a callable, or the model's layers
             (:func:`sfpk_jax.core.layers.trace_layers`), which channel masks need.
           mask_dim: None for unstructured masks, ``"out"`` or ``"in"`` for
-            one mask entry per output or input channel of every kernel.
+            one mask entry per output or input channel of every kernel, or
+            ``"N:M"`` (e.g. ``"2:4"``) for N:M masks of the kernels (see
+            :mod:`sfpk_jax.core.n_m`).
 
         Returns:
           The layout.
 
         Raises:
-          ValueError: nothing is selected, or channel masks cannot be applied
-            (see :func:`sfpk_jax.core.selection.select`).
+          ValueError: a bad ``mask_dim``, nothing is selected, channel or N:M
+            masks cannot be applied (see :func:`sfpk_jax.core.selection.select`),
+            or a kernel's input size is not a multiple of M (named).
         """
-        if mask_dim not in (None, *channels.MASK_DIMS):
-            raise ValueError(f"mask_dim={mask_dim!r} is not one of None, {channels.MASK_DIMS}")
+        pattern = from_mask_dim(mask_dim)
         flat, treedef = jax.tree_util.tree_flatten_with_path(params)
         chosen = select(params, prunable, mask_dim)
         if not chosen.index:
@@ -84,6 +92,9 @@ class MaskLayout:
             )
         paths = tuple(path_to_str(flat[i][0]) for i in chosen.index)
         shapes = tuple(tuple(np.shape(flat[i][1])) for i in chosen.index)
+        in_axes = () if pattern is None else tuple(axes[1] for axes in chosen.axes)
+        for path, shape, axis in zip(paths, shapes, in_axes):
+            check_groups(path, shape, axis, pattern)
         return cls(
             treedef=treedef,
             index=chosen.index,
@@ -92,6 +103,8 @@ class MaskLayout:
             mask_shapes=tuple(channels.mask_shape(s, mask_dim, axes)
                               for s, axes in zip(shapes, chosen.axes)),
             tied=chosen.tied,
+            n_m=pattern,
+            in_axes=in_axes,
         )
 
     @property
@@ -253,7 +266,7 @@ def count_prunable(params: PyTree, prunable: Prunable = None) -> int:
 
 
 def ones_like_masks(params: PyTree, prunable: Prunable = None,
-                    mask_dim: channels.MaskDim | None = None) -> PyTree:
+                    mask_dim: str | None = None) -> PyTree:
     """The dense mask (all ones) for the prunable leaves of ``params``."""
     layout = MaskLayout.from_params(params, prunable, mask_dim)
     return layout.scatter([jnp.ones(s, jnp.float32) for s in layout.mask_shapes])

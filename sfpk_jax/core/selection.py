@@ -3,20 +3,24 @@
 Unstructured masks (``mask_dim=None``) select by name by default: the
 weights of every convolution and dense layer (Flax ``kernel``, Equinox
 ``weight``, of rank >= 2; never an embedding table) and the bias of every
-dense layer. Channel masks (``mask_dim="out"`` or ``"in"``) must know each
+dense layer. Channel masks (``mask_dim="out"`` or ``"in"``) and N:M masks
+(``mask_dim="2:4"``, groups along each kernel's input axis) must know each
 weight's channel axes and which layers produce the model's outputs and read
 its inputs; those come from the model's :class:`~sfpk_jax.core.layers.Layers`
 (read off the loss's jaxpr), and then:
 
 * the layers that produce the outputs keep their outputs (the classes) under
   ``"out"``, and the layers that read the inputs keep their inputs (the
-  image's channels) under ``"in"``, unless the user restricts the layers
+  image's channels) under ``"in"`` and under N:M (an image's 1 or 3
+  channels are no multiple of M), unless the user restricts the layers
   (``layers.restrict(...)``);
 * only convolution and dense kernels with one input and one output axis take
-  channel masks; any other kernel (``DenseGeneral``, attention) is refused,
-  naming it;
+  channel or N:M masks; any other kernel (``DenseGeneral``, attention) is
+  refused, naming it;
 * under ``"out"`` a layer's bias follows its kernel's channel mask (it is
-  *tied*), so a removed channel is removed whole.
+  *tied*), so a removed channel is removed whole;
+* under N:M only kernels are pruned: a leaf without an input axis (a bias, a
+  norm's scale), even one a ``prunable`` regex selects, stays dense (None).
 
 A ``prunable`` regex or callable overrides the selection; a callable may
 return ``(out_axis, in_axis)`` to name a weight's channel axes itself.
@@ -32,6 +36,7 @@ from typing import Any, NamedTuple, Union
 import jax
 import numpy as np
 
+from sfpk_jax.core import channels
 from sfpk_jax.core.layers import Layers
 from sfpk_jax.core.mask_checks import check_params, path_to_str
 
@@ -107,7 +112,7 @@ def _by_name(paths: Sequence[str], leaves: Sequence[Any], owners: Sequence[Any])
 def _by_layers(paths, leaves, layers: Layers, mask_dim) -> list:
     """Per leaf: False, True or axes, from the model's layers (see the module doc)."""
     dense = {p.rpartition("/")[0] for p, use in layers.uses.items() if use.op == "dense"}
-    kept = ((layers.outputs if mask_dim == "out" else layers.inputs if mask_dim == "in" else ())
+    kept = ((layers.outputs if mask_dim == "out" else () if mask_dim is None else layers.inputs)
             if layers.where is None else ())
     out = []
     for p, leaf in zip(paths, leaves):
@@ -124,7 +129,8 @@ def _by_layers(paths, leaves, layers: Layers, mask_dim) -> list:
             raise ValueError(
                 f"{p} (shape {tuple(np.shape(leaf))}) is the kernel of a {use.op} layer whose "
                 "channel axes are not one output and one input axis (a DenseGeneral, attention "
-                "or einsum kernel): channel masks apply only to Conv and Dense/Linear kernels. "
+                f"or einsum kernel): mask_dim={mask_dim!r} applies only to Conv and Dense/Linear "
+                "kernels. "
                 "Give its axes with prunable=a callable returning (out_axis, in_axis) for it, "
                 "or leave it out with prunable=layers.restrict(<regex without it>)")
         else:
@@ -143,7 +149,7 @@ def _decisions(params, prunable: Prunable, mask_dim) -> tuple[list, list, list]:
         if mask_dim is not None:
             raise ValueError(
                 f"mask_dim={mask_dim!r} needs the model's layers, to find each weight's channel "
-                "axes and to keep the classes: sfpk_prune and prune read them off loss_fn and "
+                "axes and the layers to keep: sfpk_prune and prune read them off loss_fn and "
                 "the first batch; here pass prunable=sfpk_jax.core.layers.trace_layers(loss_fn, "
                 "params, batch)")
         owners = [_owner(params, p) for p, _ in flat]
@@ -193,7 +199,7 @@ def select(params: Any, prunable: Prunable = None, mask_dim: str | None = None) 
         matched (``re.search``) against '/'-joined paths, a callable
         ``(path, leaf) -> bool | (out_axis, in_axis)``, or the model's
         :class:`~sfpk_jax.core.layers.Layers`.
-      mask_dim: None, ``"out"`` or ``"in"``.
+      mask_dim: None, ``"out"``, ``"in"`` or ``"N:M"``.
 
     Returns:
       The :class:`Selection`.
@@ -206,6 +212,10 @@ def select(params: Any, prunable: Prunable = None, mask_dim: str | None = None) 
     index = tuple(i for i, d in enumerate(decisions) if d is not False)
     axes = tuple(_axes(paths[i], tuple(np.shape(leaves[i])), decisions[i], mask_dim)
                  for i in index)
+    if mask_dim is not None and not channels.is_channel(mask_dim):
+        # N:M groups run along an input axis: a leaf without one stays dense.
+        kernels = [k for k, a in enumerate(axes) if a is not None]
+        index, axes = tuple(index[k] for k in kernels), tuple(axes[k] for k in kernels)
     tied = []
     if mask_dim == "out":
         position = {paths[i]: k for k, i in enumerate(index)}

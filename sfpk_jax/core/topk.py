@@ -3,7 +3,9 @@
 Global scope treats all leaves as one vector; local scope treats each leaf on
 its own. Every threshold of the spec (polarizer, hard vote, final mask) is the
 k-th smallest value of such a vector, so they all come from here, and so does
-:func:`masks_from_scores`, the one step from any pruner's scores to its masks.
+:func:`masks_from_scores`, the one step from any pruner's scores to its masks
+(unstructured, channel or N:M masks; N:M masks keep every group's top N,
+:func:`n_m_masks`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfpk_jax.core import channels
+from sfpk_jax.core import channels, n_m
 from sfpk_jax.core.masks import MaskLayout
 
 # Where a top-k ranks: all prunable entries at once, or every layer on its own.
@@ -118,7 +120,15 @@ def _keep_top(scores: jax.Array, remove: int, tiebreak: jax.Array) -> jax.Array:
     # Lexicographic rank by (score, tiebreak): exactly `remove` entries fall below.
     order = jnp.lexsort((tiebreak, scores))
     rank = jnp.empty_like(order).at[order].set(jnp.arange(order.size, dtype=order.dtype))
-    return (rank >= remove) & (scores > 0)
+    return (rank >= jnp.asarray(remove, rank.dtype)) & (scores > 0)
+
+
+def _tiebreak(key: jax.Array | None, size: int, i: int) -> jax.Array:
+    """What breaks exact ties among ``size`` entries (leaf or vector ``i``): uniform noise
+    from ``key``, else the position (the later one is kept)."""
+    if key is None:
+        return jnp.arange(size, dtype=jnp.float32)
+    return jax.random.uniform(jax.random.fold_in(key, i), (size,))
 
 
 def topk_mask(
@@ -137,26 +147,22 @@ def topk_mask(
     Args:
       scores: non-negative scores, one array per prunable leaf.
       remove: how many entries to remove: an int (global scope) or one int per
-        leaf (local scope).
+        leaf (local scope); concrete or traced (a jitted caller then compiles
+        once for every count).
       scope: ``"global"`` or ``"local"``.
       key: optional PRNG key for tie-breaking.
 
     Returns:
       float32 0/1 arrays shaped like ``scores``.
     """
-    def noise(size, i):
-        if key is None:
-            return jnp.arange(size, dtype=jnp.float32)
-        return jax.random.uniform(jax.random.fold_in(key, i), (size,))
-
     if scope == "global":
         flat = _flat(scores)
-        keep = _keep_top(flat, int(remove), noise(flat.size, 0)).astype(jnp.float32)
-        splits = list(jnp.cumsum(jnp.asarray([s.size for s in scores]))[:-1])
+        keep = _keep_top(flat, remove, _tiebreak(key, flat.size, 0)).astype(jnp.float32)
+        splits = np.cumsum([s.size for s in scores])[:-1]
         parts = jnp.split(keep, [int(x) for x in splits])
         return [p.reshape(s.shape) for p, s in zip(parts, scores)]
     return [
-        _keep_top(jnp.ravel(s), int(r), noise(s.size, i)).astype(jnp.float32).reshape(s.shape)
+        _keep_top(jnp.ravel(s), r, _tiebreak(key, s.size, i)).astype(jnp.float32).reshape(s.shape)
         for i, (s, r) in enumerate(zip(scores, remove))
     ]
 
@@ -191,6 +197,28 @@ def positive_keys(scores: Sequence[jax.Array], alive: Sequence[jax.Array]) -> li
     return out
 
 
+def n_m_masks(
+    layout: MaskLayout,
+    scores: Sequence[jax.Array],
+    alive: Sequence[jax.Array],
+    key: jax.Array | None = None,
+) -> list[jax.Array]:
+    """N:M masks: in every group of M along each leaf's input axis, its N highest scores.
+
+    Args:
+      layout: a layout of N:M masks (``layout.n_m`` set).
+      scores: real scores (any sign), one array per prunable leaf; higher is kept.
+      alive: bool arrays: an entry that is False is never kept, so a group
+        with fewer than N live entries keeps only those.
+      key: optional PRNG key breaking exact ties (else the later position).
+
+    Returns:
+      float32 0/1 arrays shaped like ``scores``: N per group (of its live entries).
+    """
+    return [n_m.top_n(k, axis, layout.n_m, _tiebreak(key, k.size, i).reshape(k.shape))
+            for i, (k, axis) in enumerate(zip(positive_keys(scores, alive), layout.in_axes))]
+
+
 def masks_from_scores(
     layout: MaskLayout,
     scores: Sequence[jax.Array],
@@ -205,20 +233,25 @@ def masks_from_scores(
     Args:
       layout: where the prunable leaves sit.
       scores: real scores (any sign), one array per prunable leaf; higher is kept.
-      sparsity: fraction of prunable entries to remove, in (0, 1).
-      scope: ``global`` (one ranking) or ``local`` (every leaf keeps the same fraction).
+      sparsity: fraction of prunable entries to remove, in (0, 1); for N:M
+        masks exactly 1 - N/M.
+      scope: ``global`` (one ranking) or ``local`` (every leaf keeps the same
+        fraction); N:M masks take either (every group keeps its top N alone).
       key: optional PRNG key breaking exact ties (else by position).
       alive: optional bool arrays; entries that are False are never kept
         (pass ``theta != 0`` so already-pruned weights stay pruned).
 
     Returns:
       A float32 mask tree mirroring params (None where not pruned); exactly
-      ``floor(sparsity * D)`` entries (per leaf in local scope) are removed
-      unless fewer than the kept count are alive.
+      ``floor(sparsity * D)`` entries (per leaf in local scope; for N:M
+      masks M - N of every group) are removed unless fewer than the kept
+      count are alive.
     """
     sparsity = check_sparsity(sparsity)
     if scope not in SCOPES:
         raise ValueError(f"scope={scope!r} is not one of {SCOPES}")
+    if layout.n_m is not None:
+        n_m.check_sparsity(layout.n_m, sparsity)
     scores = [jnp.asarray(s) for s in scores]
     for path, shape, s in zip(layout.paths, layout.shapes, scores):
         if s.shape != shape:
@@ -230,6 +263,8 @@ def masks_from_scores(
             )
     if alive is None:
         alive = [jnp.ones(s.shape, bool) for s in scores]
+    if layout.n_m is not None:
+        return layout.scatter(n_m_masks(layout, scores, alive, key))
     sizes = layout.sizes
     if channels.is_structured(layout.mask_shapes, layout.shapes):
         if scope != "local":

@@ -7,9 +7,8 @@ DeiT-Tiny, a small CNN) register themselves on the first :func:`build` or
 
 from __future__ import annotations
 
-from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.pretrained import load_pretrained
 from sfpk_jax.models.registry import ApplyFn, build, make_apply_fn, register, registered
 
-__all__ = ["ApplyFn", "build", "chunked_conv", "load_pretrained", "make_apply_fn", "register",
+__all__ = ["ApplyFn", "build", "load_pretrained", "make_apply_fn", "register",
            "registered"]

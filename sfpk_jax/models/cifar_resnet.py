@@ -26,7 +26,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.common import CIFAR_INPUT, KAIMING_NORMAL, batch_norm
 from sfpk_jax.models.registry import register
 
@@ -40,20 +39,16 @@ class BasicBlock(nn.Module):
         with a 1x1 conv + BN.
       identity_scale: the identity shortcut multiplies by a per-channel
         weight (``shortcut``), as the lottery form's ``Identity2d`` does.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     features: int
     downsample: bool = False
     identity_scale: bool = True
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         norm = batch_norm(train)
-        conv = functools.partial(nn.Conv, self.features, use_bias=False, kernel_init=KAIMING_NORMAL,
-                                 conv_general_dilated=chunked_conv(self.conv_chunk))
+        conv = functools.partial(nn.Conv, self.features, use_bias=False, kernel_init=KAIMING_NORMAL)
         stride = 2 if self.downsample else 1
         # Explicit torch-style padding: "SAME" pads a strided conv asymmetrically.
         out = conv((3, 3), strides=stride, padding=1, name="conv1")(x)
@@ -80,8 +75,6 @@ class CifarResNet(nn.Module):
       identity_scale: identity shortcuts carry a per-channel weight (the
         lottery form) or nothing (the ProbMask form).
       classifier_bias: the classifier has a bias (the lottery form).
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     depth: int
@@ -89,7 +82,6 @@ class CifarResNet(nn.Module):
     num_classes: int = 10
     identity_scale: bool = True
     classifier_bias: bool = True
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -98,7 +90,6 @@ class CifarResNet(nn.Module):
         blocks_per_stage = (self.depth - 2) // 6
         x = nn.Conv(
             self.width, (3, 3), padding=1, use_bias=False, kernel_init=KAIMING_NORMAL, name="conv",
-            conv_general_dilated=chunked_conv(self.conv_chunk),
         )(x)
         x = batch_norm(train)(name="bn")(x)
         x = nn.relu(x)
@@ -106,7 +97,7 @@ class CifarResNet(nn.Module):
         for stage, features in enumerate((self.width, 2 * self.width, 4 * self.width)):
             for block in range(blocks_per_stage):
                 downsample = stage > 0 and block == 0
-                x = BasicBlock(features, downsample, self.identity_scale, self.conv_chunk,
+                x = BasicBlock(features, downsample, self.identity_scale,
                                name=f"blocks_{index}")(x, train)
                 index += 1
         x = jnp.mean(x, axis=(1, 2))

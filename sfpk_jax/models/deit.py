@@ -17,7 +17,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.registry import register
 
 LN_EPSILON = 1e-6  # timm's ViT LayerNorm
@@ -36,20 +35,16 @@ class PatchEmbed(nn.Module):
     Attributes:
       patch_size: side of a square patch.
       embed_dim: width of the token embeddings.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     patch_size: int
     embed_dim: int
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         p = self.patch_size
         x = nn.Conv(
             self.embed_dim, (p, p), strides=p, padding="VALID", kernel_init=PATCH_INIT, name="proj",
-            conv_general_dilated=chunked_conv(self.conv_chunk),
         )(x)
         return x.reshape((x.shape[0], -1, self.embed_dim))
 
@@ -131,8 +126,6 @@ class VisionTransformer(nn.Module):
       depth: number of transformer blocks.
       num_heads: attention heads per block.
       mlp_hidden: hidden width of each block's MLP.
-      conv_chunk: run the patch embedding over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     num_classes: int = 1000
@@ -141,12 +134,11 @@ class VisionTransformer(nn.Module):
     depth: int = 12
     num_heads: int = 3
     mlp_hidden: int = 768
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         del train  # no layer behaves differently in training
-        x = PatchEmbed(self.patch_size, self.embed_dim, self.conv_chunk, name="patch_embed")(x)
+        x = PatchEmbed(self.patch_size, self.embed_dim, name="patch_embed")(x)
         batch, patches, width = x.shape
         cls_token = self.param("cls_token", CLS_INIT, (1, 1, width))
         # The position embedding's length fixes the input resolution, as in timm.

@@ -13,7 +13,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.common import batch_norm
 from sfpk_jax.models.registry import register
 
@@ -34,13 +33,10 @@ class DepthwiseSeparable(nn.Module):
     Attributes:
       features: output channels of the pointwise conv.
       stride: stride of the depthwise conv.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     features: int
     stride: int = 1
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -55,11 +51,9 @@ class DepthwiseSeparable(nn.Module):
             use_bias=False,
             kernel_init=TORCH_CONV_INIT,
             name="dw",
-            conv_general_dilated=chunked_conv(self.conv_chunk),
         )(x)
         x = nn.relu(norm(name="dw_bn")(x))
-        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=TORCH_CONV_INIT, name="pw",
-                    conv_general_dilated=chunked_conv(self.conv_chunk))(x)
+        x = nn.Conv(self.features, (1, 1), use_bias=False, kernel_init=TORCH_CONV_INIT, name="pw")(x)
         return nn.relu(norm(name="pw_bn")(x))
 
 
@@ -68,24 +62,20 @@ class MobileNetV1(nn.Module):
 
     Attributes:
       num_classes: number of output logits.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     num_classes: int = 1000
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = nn.Conv(
             32, (3, 3), strides=2, padding=1, use_bias=False, kernel_init=TORCH_CONV_INIT,
             name="stem",
-            conv_general_dilated=chunked_conv(self.conv_chunk),
         )(x)
         x = batch_norm(train)(name="stem_bn")(x)
         x = nn.relu(x)
         for index, (features, stride) in enumerate(BLOCKS):
-            x = DepthwiseSeparable(features, stride, self.conv_chunk,
+            x = DepthwiseSeparable(features, stride,
                                    name=f"blocks_{index}")(x, train)
         # The official AvgPool2d(7) is the global pool at 224x224; a global mean
         # also admits smaller inputs.

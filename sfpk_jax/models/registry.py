@@ -99,7 +99,6 @@ def build(
     num_classes: int = 10,
     key: jax.Array | None = None,
     input_shape: tuple[int, ...] | None = None,
-    conv_chunk: int = 0,
 ) -> tuple[ApplyFn, dict[str, Any]]:
     """Builds a registered model and initialises its variables.
 
@@ -109,25 +108,15 @@ def build(
       key: PRNG key of the initialisation; ``jax.random.key(0)`` by default.
       input_shape: shape of the dummy initialisation input, batch axis
         included; the model's registered default when ``None``.
-      conv_chunk: run the model's convolutions over chunks of this many
-        examples (see :mod:`sfpk_jax.models.chunked_conv`): the same
-        function up to float rounding, faster on CPU at large batches; 0:
-        whole batches. Models without convolutions ignore it.
 
     Returns:
-      ``(apply_fn, variables)`` following the module docstring's contract;
-      the variables do not depend on ``conv_chunk``.
+      ``(apply_fn, variables)`` following the module docstring's contract.
     """
     _load_zoo()
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered models: {', '.join(registered())}")
-    if isinstance(conv_chunk, bool) or not isinstance(conv_chunk, int) or conv_chunk < 0:
-        raise ValueError("conv_chunk must be a non-negative int (0: whole batches), "
-                         f"got {conv_chunk!r}")
     factory, default_shape = _REGISTRY[name]
     module = factory(num_classes)
-    if conv_chunk and hasattr(module, "conv_chunk"):
-        module = module.clone(conv_chunk=conv_chunk)
     key = jax.random.key(0) if key is None else key
     shape = default_shape if input_shape is None else tuple(input_shape)
     variables = dict(module.init(key, jnp.zeros(shape, jnp.float32), train=False))

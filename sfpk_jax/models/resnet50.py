@@ -18,7 +18,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.common import batch_norm
 from sfpk_jax.models.registry import register
 
@@ -39,20 +38,16 @@ class Bottleneck(nn.Module):
         ``4 * width``.
       stride: stride of the 3x3 conv and of the downsample conv.
       downsample: project the shortcut with a 1x1 conv + BN.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     width: int
     stride: int = 1
     downsample: bool = False
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         norm = batch_norm(train)
-        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT,
-                                 conv_general_dilated=chunked_conv(self.conv_chunk))
+        conv = functools.partial(nn.Conv, use_bias=False, kernel_init=CONV_INIT)
         out = nn.relu(norm(name="bn1")(conv(self.width, (1, 1), name="conv1")(x)))
         # Explicit torch-style padding: "SAME" pads a strided conv asymmetrically.
         out = conv(self.width, (3, 3), strides=self.stride, padding=1, name="conv2")(out)
@@ -71,18 +66,14 @@ class ResNet50(nn.Module):
 
     Attributes:
       num_classes: number of output logits.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     num_classes: int = 1000
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = nn.Conv(64, (7, 7), strides=2, padding=3, use_bias=False, kernel_init=CONV_INIT,
-                    name="conv1",
-                    conv_general_dilated=chunked_conv(self.conv_chunk))(x)
+                    name="conv1")(x)
         x = batch_norm(train)(name="bn1")(x)
         x = nn.relu(x)
         x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
@@ -92,7 +83,7 @@ class ResNet50(nn.Module):
                 stride = 2 if first and stage > 0 else 1
                 # Every stage's first block changes the channel count (64 -> 256
                 # in stage 1), so it always projects the shortcut.
-                x = Bottleneck(width, stride, downsample=first, conv_chunk=self.conv_chunk,
+                x = Bottleneck(width, stride, downsample=first,
                                name=f"layer{stage + 1}_{block}")(x, train)
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, kernel_init=LINEAR_INIT, name="fc")(x)

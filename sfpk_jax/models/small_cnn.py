@@ -8,7 +8,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.common import batch_norm
 from sfpk_jax.models.registry import register
 
@@ -18,19 +17,15 @@ class SmallCNN(nn.Module):
 
     Attributes:
       num_classes: number of output logits.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     num_classes: int = 10
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         norm = batch_norm(train)
         # The convs feed batch norm, whose shift makes a conv bias redundant.
-        conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False,
-                                 conv_general_dilated=chunked_conv(self.conv_chunk))
+        conv = functools.partial(nn.Conv, kernel_size=(3, 3), padding="SAME", use_bias=False)
         x = nn.relu(norm()(conv(16)(x)))
         x = nn.relu(norm()(conv(32)(x)))
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))

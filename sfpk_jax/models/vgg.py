@@ -21,7 +21,6 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
-from sfpk_jax.models.chunked_conv import chunked_conv
 from sfpk_jax.models.common import CIFAR_INPUT, KAIMING_NORMAL, batch_norm
 from sfpk_jax.models.registry import register
 
@@ -40,19 +39,15 @@ class ConvBN(nn.Module):
     Attributes:
       features: output channels.
       bias: whether the conv has a bias.
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     features: int
     bias: bool = True
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = nn.Conv(self.features, (3, 3), padding=1, use_bias=self.bias,
-                    kernel_init=KAIMING_NORMAL, name="conv",
-                    conv_general_dilated=chunked_conv(self.conv_chunk))(x)
+                    kernel_init=KAIMING_NORMAL, name="conv")(x)
         x = batch_norm(train)(name="bn")(x)
         return nn.relu(x)
 
@@ -67,15 +62,12 @@ class VGG(nn.Module):
         ProbMask form).
       avg_pool: a 2x2 average pool before the classifier (the lottery form;
         the ProbMask plan ends in a max-pool instead).
-      conv_chunk: run every convolution over chunks of this many examples
-        (:func:`sfpk_jax.models.chunked_conv`; 0: whole batches).
     """
 
     plan: tuple[int | str, ...]
     num_classes: int = 10
     bias: bool = True
     avg_pool: bool = True
-    conv_chunk: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -84,7 +76,7 @@ class VGG(nn.Module):
             if spec == POOL:
                 x = nn.max_pool(x, (2, 2), strides=(2, 2))
             else:
-                x = ConvBN(spec, self.bias, self.conv_chunk, name=f"layers_{index}")(x, train)
+                x = ConvBN(spec, self.bias, name=f"layers_{index}")(x, train)
         if self.avg_pool:
             x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = x.reshape((x.shape[0], -1))

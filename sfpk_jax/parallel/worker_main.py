@@ -7,9 +7,11 @@ that it imports JAX alone (not the package's data and model layers). It pins
 itself to ``CORE`` (-1: no pinning) before JAX starts, then answers pickled
 messages on stdin with pickled replies on stdout, until stdin closes:
 
-* ``("load", exported_bytes, shared, cache_dir)``: a serialized
-  :mod:`jax.export` function and its first arguments, kept for the runs;
-  ``cache_dir`` turns JAX's persistent compilation cache on there (or None).
+* ``("load", exported_bytes, shared, cache)``: a serialized
+  :mod:`jax.export` function, compiled at once, and its first arguments,
+  kept for the runs;
+  ``cache`` holds the ``jax.config`` values of the persistent compilation
+  cache (:func:`sfpk_jax.parallel.compile_cache.settings`), or None.
 * ``("run", items)``: ``fn(*shared, *item)`` for every item, in order.
 
 Every reply is ``("ok", value)`` or ``("error", traceback text)``. Anything
@@ -24,6 +26,14 @@ import sys
 import traceback
 
 
+def _compiled(jax, exported):
+    """``exported`` compiled now, at load, so that a pool loads its workers one after the other
+    from a warm cache (and a cold one compiles once, in the first worker)."""
+    args, kwargs = jax.tree.unflatten(
+        exported.in_tree, [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in exported.in_avals])
+    return jax.jit(exported.call).lower(*args, **kwargs).compile()
+
+
 def _serve(requests, replies) -> None:
     import jax  # after the pinning: XLA sizes its thread pools when it starts
     from jax.experimental.compilation_cache import compilation_cache
@@ -36,13 +46,12 @@ def _serve(requests, replies) -> None:
             return
         try:
             if message[0] == "load":
-                _, exported, shared, cache_dir = message
-                if cache_dir is not None:
-                    jax.config.update("jax_compilation_cache_dir", cache_dir)
-                    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-                    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+                _, exported, shared, cache = message
+                for name, value in (cache or {}).items():
+                    jax.config.update(name, value)
+                if cache:
                     compilation_cache.reset_cache()
-                fn = jax.jit(jax.export.deserialize(exported).call)
+                fn = _compiled(jax, jax.export.deserialize(exported))
                 shared = jax.device_put(shared)
                 reply = ("ok", None)
             else:

@@ -22,6 +22,8 @@ from typing import Any
 
 import jax
 
+from sfpk_jax.parallel import compile_cache
+
 SCRIPT = Path(__file__).with_name("worker_main.py")
 # One thread per worker: the worker is the unit of parallelism.
 WORKER_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
@@ -165,15 +167,21 @@ class WorkerPool:
     def load(self, exported: bytes, shared: tuple) -> None:
         """Gives every worker the function (``jax.export`` bytes) and its shared first arguments.
 
-        The workers use the persistent compilation cache folder this process
-        uses, if any, so that a later pool need not compile the function again.
+        The workers cache the compiled function on disk
+        (:func:`sfpk_jax.parallel.compile_cache.for_workers`), so that a later
+        pool loads it instead of compiling it again. With a cache, worker 0
+        loads first and the others then find its program there; without
+        one, all compile at once.
         """
-        cache_dir = jax.config.jax_compilation_cache_dir
+        folder = compile_cache.for_workers()
+        options = None if folder is None else compile_cache.settings(folder)
         shared = jax.device_get(shared)
-        for k in range(self.size):
-            self._send(k, ("load", exported, shared, cache_dir))
-        for k in range(self.size):
-            self._receive(k)
+        first = [0] if options is not None else range(self.size)
+        for group in (first, range(len(first), self.size)):
+            for k in group:
+                self._send(k, ("load", exported, shared, options))
+            for k in group:
+                self._receive(k)
 
     def map(self, items: list[tuple]) -> list:
         """``fn(*shared, *item)`` for every item, in order, the items split over the workers.

@@ -3,7 +3,8 @@
 * :func:`prune` runs any registered pruner by name; :func:`names` lists them
   and :func:`spec` says what one needs (data, a ``logits_fn``, ...).
 * :func:`register_pruner` adds one; :func:`score_pruner` turns a score
-  function into one, through :func:`masks_from_scores` (exact-count top-k).
+  function into one, through :func:`masks_from_scores` (exact-count top-k,
+  or every group's top N for N:M masks).
 * Every pruner returns a :class:`PruningResult`: :class:`PruneResult`, or
   :class:`sfpk_jax.SFPKResult` for the particle simulations.
 """

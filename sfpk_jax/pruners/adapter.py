@@ -3,7 +3,8 @@
 A score function maps ``(layout, params, batches, key, **options)`` to one
 score array per prunable leaf, higher kept. :func:`score_pruner` wraps it
 into a registered-pruner signature that builds the layout, scores, and turns
-the scores into exact-count masks, never keeping a weight that is already 0.
+the scores into exact-count masks (or N:M masks, ``mask_dim="2:4"``), never
+keeping a weight that is already 0.
 """
 
 from __future__ import annotations

@@ -301,11 +301,16 @@ def synflow_masks(
     With ``iterations = K > 1``, round ``k = 1..K`` prunes to density
     ``(1 - sparsity) ** (k / K)``, scoring with the masked linearised weights
     of the previous round (the SynFlow paper uses K = 100); every round keeps
-    an exact count, and a weight once removed stays removed.
+    an exact count, and a weight once removed stays removed. N:M masks
+    (``layout.n_m``) take one round only: a round's intermediate density is
+    no N:M pattern.
     """
     sparsity = check_sparsity(sparsity)
     if isinstance(iterations, bool) or not isinstance(iterations, (int, np.integer)) or iterations < 1:
         raise ValueError(f"iterations must be an integer >= 1, got {iterations!r}")
+    if layout.n_m is not None and iterations > 1:
+        raise ValueError(f"synflow with iterations={iterations} prunes through intermediate "
+                         f"densities that mask_dim='{layout.n_m}' cannot hold: use iterations=1")
     alive = alive_weights(layout, params)
     masks = None
     for k in range(1, int(iterations) + 1):

@@ -22,7 +22,7 @@ def magnitude_prune(
     *,
     prunable: Prunable = None,
     scope: Scope = "global",
-    mask_dim: MaskDim | None = None,
+    mask_dim: MaskDim | str | None = None,
 ) -> Any:
     """0/1 masks keeping the ``1 - sparsity`` fraction of largest |theta|.
 
@@ -41,7 +41,13 @@ def magnitude_prune(
       scope: ``global`` (one threshold over all layers) or ``local`` (every
         layer keeps the same fraction).
       mask_dim: None, or ``"out"`` / ``"in"`` to remove whole channels (with
-        ``scope="local"``): a channel scores its summed |theta|.
+        ``scope="local"``): a channel scores its summed |theta|; or ``"N:M"``
+        (``"2:4"``, say; any scope, and ``sparsity`` must be 1 - N/M): every
+        group of M consecutive weights along a kernel's input axis keeps its
+        N largest |theta| (see :mod:`sfpk_jax.core.n_m`). Both need the
+        kernels' axes: pass ``prunable=`` the model's layers
+        (:func:`sfpk_jax.core.layers.trace_layers`), or a regex of rank-2
+        ``kernel`` / ``weight`` leaves.
 
     Returns:
       A mask tree mirroring ``params`` (None where not pruned); the kept

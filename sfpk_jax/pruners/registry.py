@@ -16,12 +16,14 @@ from collections.abc import Callable, Iterable
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import jax
+import numpy as np
 
+from sfpk_jax.core import n_m
 from sfpk_jax.core.channels import MaskDim
 from sfpk_jax.core.layers import layers_from_batches
 from sfpk_jax.core.mask_checks import named_masks
-from sfpk_jax.core.masks import Prunable
-from sfpk_jax.core.topk import Scope
+from sfpk_jax.core.masks import MaskLayout, Prunable
+from sfpk_jax.core.topk import Scope, check_sparsity
 
 PrunerFn = Callable[..., "PruningResult"]
 
@@ -161,7 +163,7 @@ def prune(
     prunable: Prunable = None,
     scope: Scope = "global",
     key: jax.Array | None = None,
-    mask_dim: MaskDim | None = None,
+    mask_dim: MaskDim | str | None = None,
     **options,
 ) -> PruningResult:
     """Prunes ``params`` with the named method.
@@ -193,7 +195,12 @@ def prune(
         model's layers are then read off ``loss_fn`` on the first batch
         (which ``batches`` must hold, unless ``prunable`` gives them): the
         classes and the input channels are kept, and biases follow their
-        kernels (see :mod:`sfpk_jax.core.selection`).
+        kernels (see :mod:`sfpk_jax.core.selection`). Or ``"N:M"`` with
+        0 < N < M (``"2:4"``, say): every group of M consecutive weights
+        along a kernel's input axis keeps its N highest scores, in any scope;
+        ``sparsity`` must then be 1 - N/M. The layers are read off the loss
+        as for channel masks; the input layers and every leaf that is no
+        kernel (biases, norms) stay dense (see :mod:`sfpk_jax.core.n_m`).
       key: PRNG key: the scores of ``random`` (required there); tie-breaking
         for the others (ties go by position without it; magnitude ignores it).
       **options: method options:
@@ -218,10 +225,15 @@ def prune(
       A :class:`PruningResult`: its ``.masks`` mirror ``params``, 0/1 (checked).
 
     Raises:
+      ValueError: a bad ``mask_dim``, or a sparsity other than 1 - N/M for N:M masks.
       PrunerOutputError: the pruner returned no ``.masks``, or masks that do
-        not fit ``params`` or hold other values than 0 and 1 (NaN included);
-        the message names the pruner and the leaf.
+        not fit ``params`` or hold other values than 0 and 1 (NaN included),
+        or break the N:M pattern asked for; the message names the pruner and
+        the leaf.
     """
+    pattern = n_m.from_mask_dim(mask_dim)  # refused before the layers are read
+    if pattern is not None:
+        n_m.check_sparsity(pattern, check_sparsity(sparsity))
     if mask_dim is not None and prunable is None:
         prunable, batches = layers_from_batches(loss_fn, params, batches)
     result = spec(method).fn(loss_fn, params, batches, sparsity, prunable=prunable, scope=scope,
@@ -233,4 +245,17 @@ def prune(
         named_masks(result.masks, params)
     except ValueError as err:
         raise PrunerOutputError(method, f"masks that are not usable: {err}") from None
+    if pattern is not None:
+        _check_n_m(method, result.masks, MaskLayout.from_params(params, prunable, mask_dim))
     return result
+
+
+def _check_n_m(method: str, masks: Any, layout: MaskLayout) -> None:
+    """Refuses masks that break the layout's N:M pattern (a pruner that ignored ``mask_dim``)."""
+    leaves = zip(layout.paths, layout.gather(masks), layout.shapes, layout.in_axes)
+    broken = [path for path, mask, shape, axis in leaves if mask is None or n_m.broken_groups(
+        np.broadcast_to(np.asarray(mask), shape), axis, layout.n_m)]
+    if broken:
+        raise PrunerOutputError(method, f"masks that break mask_dim='{layout.n_m}' (at most "
+                                        f"{layout.n_m.n} of every {layout.n_m.m} kept) at "
+                                        f"{', '.join(broken)}")

@@ -11,6 +11,7 @@ import dataclasses
 import math
 from typing import Literal
 
+from sfpk_jax.core import channels, n_m
 from sfpk_jax.core.channels import MaskDim
 from sfpk_jax.core.topk import Scope
 from sfpk_jax.sfpk import fields
@@ -79,7 +80,11 @@ class SFPKConfig:
         sqrt(1 - sparsity) of every layer's channels, and the simulation
         aims at the density renormalised over all of the model's parameters
         (see :func:`sfpk_jax.core.channels.simulation_density`), as the
-        reference does.
+        reference does. ``"N:M"`` with 0 < N < M (``"2:4"``, say) keeps N of
+        every M consecutive weights along each kernel's input axis (any
+        scope; the sparsity must be 1 - N/M): the simulation runs
+        unstructured toward density N/M, and the final mask takes every
+        group's top N of the voted scores (see :mod:`sfpk_jax.core.n_m`).
       dynamics_scope: the scope of the dynamics: G, the norms of the step
         direction delta, the adaptive schedules' current G and the early
         stop read all prunable entries at once (``global``) or every layer
@@ -113,8 +118,10 @@ class SFPKConfig:
     score: Score = field("mp", "what a particle scores: |m * theta| or |m|")
     scope: Scope = field("global", "scope of the mask's top-k (for SFPK also of the polarizer's "
                          "cut and the step sizes)")
-    mask_dim: MaskDim | None = field(None, "prune whole output or input channels (structured; "
-                                     "needs scope local)")
+    mask_dim: MaskDim | str | None = field(None, "prune whole output or input channels (out, "
+                                           "in; needs scope local), or keep N of every M "
+                                           "weights along each kernel's input axis (N:M, e.g. "
+                                           "2:4)")
     dynamics_scope: Scope | None = field(None, "scope of G and the step direction (default: "
                                          "global for channel masks, else the scope)")
     local_polarizer: LocalPolarizer = field("sum", "density a layer-wise polarizer cuts at: the "
@@ -124,7 +131,12 @@ class SFPKConfig:
 
     def __post_init__(self):
         fields.check_choices(self)
-        if self.mask_dim is not None and self.scope != "local":
+        try:
+            n_m.from_mask_dim(self.mask_dim)
+        except ValueError:
+            raise ConfigError("SFPKConfig", "mask_dim", self.mask_dim,
+                              "None, 'out', 'in' or 'N:M' with 0 < N < M, e.g. '2:4'") from None
+        if channels.is_channel(self.mask_dim) and self.scope != "local":
             raise ConfigError("SFPKConfig", "mask_dim", self.mask_dim,
                               "None unless scope='local' (channel masks keep a share of every "
                               "layer's channels, as in the reference; the dynamics stay global "
@@ -152,7 +164,7 @@ class SFPKConfig:
         """The scope of the dynamics: ``dynamics_scope``, or the default it stands for."""
         if self.dynamics_scope is not None:
             return self.dynamics_scope
-        return "global" if self.mask_dim is not None else self.scope
+        return "global" if channels.is_channel(self.mask_dim) else self.scope
 
     @property
     def voters(self) -> int:

@@ -17,7 +17,7 @@ from sfpk_jax.parallel.worker_pool import max_workers
 from sfpk_jax.sfpk import fields
 from sfpk_jax.sfpk.fields import ConfigError, field
 
-ParticleMode = Literal["loop", "vmap", "map", "shard", "processes"]
+ParticleMode = Literal["auto", "loop", "vmap", "map", "shard", "processes"]
 ComputeDtype = Literal["float32", "bfloat16"]
 
 
@@ -32,12 +32,13 @@ class Execution:
     2
 
     Attributes:
-      particle_mode: ``loop`` (one jitted call per particle, dispatched
-        asynchronously), ``vmap`` (all at once), ``map`` (``lax.map`` in
-        chunks of ``particle_chunk``), ``shard`` (split over the devices of
-        ``mesh``, see :mod:`sfpk_jax.parallel.sharding`) or ``processes``
-        (split over local single-threaded worker processes, CPU only; see
-        :mod:`sfpk_jax.sfpk.particle_workers`).
+      particle_mode: ``auto`` (the default: chosen from the machine and the
+        run, see :mod:`sfpk_jax.sfpk.auto`), ``loop`` (one jitted call per
+        particle, dispatched asynchronously), ``vmap`` (all at once), ``map``
+        (``lax.map`` in chunks of ``particle_chunk``), ``shard`` (split over
+        the devices of ``mesh``, see :mod:`sfpk_jax.parallel.sharding`) or
+        ``processes`` (split over local single-threaded worker processes,
+        CPU only; see :mod:`sfpk_jax.sfpk.particle_workers`).
       workers: worker processes of ``processes`` mode; None: one per core.
         At most :func:`~sfpk_jax.parallel.worker_pool.max_workers` (4 per
         core): each is a whole JAX runtime, and more only time-share the cores.
@@ -45,6 +46,10 @@ class Execution:
       mesh: the devices of ``shard`` mode (a
         :func:`sfpk_jax.parallel.sharding.particle_mesh`); None: as many
         devices as evenly share the particles.
+      conv_chunk: run the model's convolutions over chunks of this many
+        examples (:mod:`sfpk_jax.parallel.conv_chunks`: the same function up
+        to float rounding, faster on a CPU); 0: whole batches; ``auto``: 32
+        on a CPU, 0 on an accelerator.
       compute_dtype: dtype of the model's forward and backward passes in the
         energy: ``float32``, or ``bfloat16`` (faster on accelerators with
         bf16 units); particles, scores and updates stay float32.
@@ -52,14 +57,16 @@ class Execution:
         one log line every 10 steps instead).
     """
 
-    particle_mode: ParticleMode = field("loop", "how particles go through the model (shard: "
-                                        "split over the devices; processes: over worker "
-                                        "processes)")
+    particle_mode: ParticleMode = field("auto", "how particles go through the model (auto: "
+                                        "chosen from the machine and the run; shard: split "
+                                        "over the devices; processes: over worker processes)")
     workers: int | None = field(None, "worker processes of processes mode (default: one per core; "
                                       "at most 4 per core)")
     particle_chunk: int = field(1, "particles per chunk in map mode (bounds memory)")
     mesh: Any = field(None, "the devices of shard mode (default: as many as evenly share the "
                             "particles)")
+    conv_chunk: int | Literal["auto"] = field("auto", "examples per convolution chunk (0: whole "
+                                                      "batches; auto: 32 on a CPU, 0 elsewhere)")
     compute_dtype: ComputeDtype = field("float32", "dtype of the forward/backward passes")
     progress: bool = field(True, "show a progress bar over the steps")
 
@@ -67,11 +74,13 @@ class Execution:
         fields.check_choices(self)
         fields.check_int(self, "particle_chunk")
         fields.check_bool(self, "progress")
+        if self.conv_chunk != "auto":
+            fields.check_int(self, "conv_chunk", low=0, why=" (0: whole batches) or 'auto'")
         if self.workers is not None:
             if self.particle_mode != "processes":
                 raise ConfigError("Execution", "workers", self.workers,
                                   "None unless particle_mode='processes' (it counts that mode's "
-                                  "worker processes)")
+                                  "worker processes; auto chooses them itself)")
             fields.check_int(self, "workers", high=max_workers(),
                              why=" (4 worker processes per core at most)")
         if self.mesh is not None:
@@ -92,3 +101,7 @@ class Execution:
     def replace(self, **changes) -> "Execution":
         """A copy with ``changes`` (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# A pytree without leaves, so that tree maps over an SFPKResult skip its execution.
+jax.tree_util.register_static(Execution)

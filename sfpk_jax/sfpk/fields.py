@@ -45,7 +45,7 @@ def choices(cls: type) -> dict[str, tuple]:
         literal = [a for a in args if typing.get_origin(a) is typing.Literal]
         if typing.get_origin(hint) is typing.Literal:
             found[name] = args
-        elif literal:
+        elif literal and all(a is type(None) or a in literal for a in args):
             found[name] = (*((None,) if type(None) in args else ()),
                            *(v for a in literal for v in typing.get_args(a)))
     return found

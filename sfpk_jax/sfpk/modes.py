@@ -21,7 +21,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from sfpk_jax.core.masks import MaskLayout
-from sfpk_jax.parallel import sharding
+from sfpk_jax.parallel import conv_chunks, sharding
+from sfpk_jax.sfpk import auto
 from sfpk_jax.sfpk import energy as energy_lib
 from sfpk_jax.sfpk.config import SFPKConfig
 from sfpk_jax.sfpk.energy import EnergyFn
@@ -218,6 +219,7 @@ def make_stepper(
         raise ValueError("particle_mode='processes' needs its worker processes: sfpk_prune starts "
                          "them, or use sfpk_jax.sfpk.particle_workers.process_stepper inside "
                          "`with WorkerPool(...)`")
+    execution = auto.choose(execution, config, allow_processes=False).execution
     fn, loss_state = loss_parts(loss_fn)
     execution = program_execution(execution)
     if execution.particle_mode == "shard":
@@ -241,9 +243,11 @@ def loss_parts(loss_fn: Callable) -> tuple[Callable, Any]:
     return loss_fn, None
 
 
-def three_arguments(fn: Callable, stateful: bool) -> Callable:
-    """``fn`` as ``(params, batch, state)``; a plain loss ignores the state (None)."""
-    return fn if stateful else (lambda params, batch, _: fn(params, batch))
+def three_arguments(fn: Callable, stateful: bool, conv_chunk: int = 0) -> Callable:
+    """``fn`` as ``(params, batch, state)`` (a plain loss ignores the state, None), its
+    convolutions over chunks of ``conv_chunk`` examples (0: whole batches)."""
+    three = fn if stateful else (lambda params, batch, _: fn(params, batch))
+    return conv_chunks.chunk_convolutions(three, conv_chunk)
 
 
 def program_config(config: SFPKConfig) -> SFPKConfig:
@@ -255,7 +259,7 @@ def program_execution(execution: Execution) -> Execution:
     """``execution`` less the fields the host loop alone reads, which must not split the caches."""
     return Execution(particle_mode=execution.particle_mode,
                      particle_chunk=execution.particle_chunk, mesh=execution.mesh,
-                     compute_dtype=execution.compute_dtype)
+                     conv_chunk=execution.conv_chunk, compute_dtype=execution.compute_dtype)
 
 
 class _Programs(NamedTuple):
@@ -282,8 +286,8 @@ def combine_program(layout: MaskLayout, config: SFPKConfig) -> Callable:
 def _programs(fn: Callable, stateful: bool, layout: MaskLayout, config: SFPKConfig,
               execution: Execution) -> _Programs:
     """The jitted functions of :func:`make_stepper`, for ``fn(params, batch[, state])``."""
-    energy_fn = energy_lib.make_energy_fn(three_arguments(fn, stateful), layout, config,
-                                          execution.compute_dtype)
+    energy_fn = energy_lib.make_energy_fn(three_arguments(fn, stateful, execution.conv_chunk),
+                                          layout, config, execution.compute_dtype)
     mode, mesh = execution.particle_mode, execution.mesh
 
     def update(params, target, state, energy, grads):

@@ -21,8 +21,8 @@ import numpy as np
 
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.parallel.worker_pool import WorkerPool
+from sfpk_jax.sfpk import auto, modes
 from sfpk_jax.sfpk import energy as energy_lib
-from sfpk_jax.sfpk import modes
 from sfpk_jax.sfpk.config import SFPKConfig
 from sfpk_jax.sfpk.execution import ComputeDtype, Execution
 
@@ -35,12 +35,12 @@ def _signature(tree: Any) -> tuple:
 
 @functools.lru_cache(maxsize=modes.CACHE_SIZE)
 def _exported(fn: Callable, stateful: bool, layout: MaskLayout, config: SFPKConfig,
-              compute_dtype: ComputeDtype, signature: tuple) -> bytes:
+              conv_chunk: int, compute_dtype: ComputeDtype, signature: tuple) -> bytes:
     """The serialized ``(params, loss_state, mask, batch) -> (E, grad E)`` for these shapes."""
     treedef, leaves = signature
     shapes = jax.tree.unflatten(treedef, [jax.ShapeDtypeStruct(s, d) for s, d in leaves])
-    energy_fn = energy_lib.make_energy_fn(modes.three_arguments(fn, stateful), layout, config,
-                                          compute_dtype)
+    energy_fn = energy_lib.make_energy_fn(modes.three_arguments(fn, stateful, conv_chunk),
+                                          layout, config, compute_dtype)
     one = jax.jit(lambda params, loss_state, mask, batch: energy_fn(params, mask, batch,
                                                                     loss_state))
     return jax.export.export(one, platforms=["cpu"])(*shapes).serialize()
@@ -61,13 +61,18 @@ def process_stepper(loss_fn: Callable, layout: MaskLayout, config: SFPKConfig, t
       config: the hyper-parameters.
       target: the target mask density.
       pool: the open worker pool.
-      execution: its ``compute_dtype`` is the workers' (the rest is the pool's).
+      execution: its ``compute_dtype`` and ``conv_chunk`` are the workers' (the rest is the
+        pool's).
 
     Returns:
       A :class:`~sfpk_jax.sfpk.modes.Stepper`.
     """
     fn, loss_state = modes.loss_parts(loss_fn)
     program_config = modes.program_config(config)
+    # The workers run on the CPU, whatever the parent's backend.
+    # The workers run on the CPU, whatever the parent's backend.
+    conv_chunk = (auto.conv_chunk("cpu") if execution.conv_chunk == "auto"
+                  else execution.conv_chunk)
     combine = modes.combine_program(layout, program_config)
     stack = jax.jit(modes.stack_outputs)
     target = jnp.asarray(float(target))
@@ -80,7 +85,7 @@ def process_stepper(loss_fn: Callable, layout: MaskLayout, config: SFPKConfig, t
         shared = (params, loss_state)
         signature = _signature((*shared, *items[0]))
         if loaded != [signature]:  # the first step, or new shapes
-            pool.load(_exported(fn, loss_state is not None, layout, program_config,
+            pool.load(_exported(fn, loss_state is not None, layout, program_config, conv_chunk,
                                 execution.compute_dtype, signature), shared)
             loaded[:] = [signature]
         return tuple(pool.map(items))

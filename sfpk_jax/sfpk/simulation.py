@@ -9,6 +9,7 @@ voted scores as the final mask.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 from collections.abc import Callable, Iterable, Iterator
@@ -18,11 +19,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sfpk_jax.core import channels, topk
-from sfpk_jax.core.layers import layers_from_batches
+from sfpk_jax.core import channels, n_m, topk
+from sfpk_jax.core.layers import first_batch, layers_from_batches
 from sfpk_jax.core.masks import MaskLayout, Prunable, path_to_str
 from sfpk_jax.parallel import sharding
 from sfpk_jax.parallel.worker_pool import WorkerError, WorkerPool, local_cores
+from sfpk_jax.sfpk import auto
 from sfpk_jax.sfpk.config import SFPKConfig, spode
 from sfpk_jax.sfpk.execution import Execution
 from sfpk_jax.sfpk.modes import Stepper, make_stepper
@@ -36,8 +38,9 @@ LOG_EVERY = 10
 
 
 def _check_finite(layout: MaskLayout, theta: list) -> None:
-    for path, t in zip(layout.paths, theta):
-        if not bool(jnp.all(jnp.isfinite(t))):
+    # On the host: a jnp check would compile one small program per leaf shape.
+    for path, t in zip(layout.paths, jax.device_get(theta)):
+        if not np.isfinite(t).all():
             raise ValueError(
                 f"parameter {path} holds NaN or Inf values; SFPK needs finite trained "
                 "weights: check the checkpoint or the training run that produced it"
@@ -108,6 +111,12 @@ def sfpk_prune(
     and P every parameter of the model; the final mask keeps f of each
     layer's channels (:func:`sfpk_jax.core.channels.simulation_density`).
 
+    With N:M masks (``config.mask_dim="2:4"``, say) ``sparsity`` must be
+    1 - N/M: the simulation runs unstructured (full-shaped particles) toward
+    density N/M, and the final mask keeps the N highest voted scores of
+    every group of M along each kernel's input axis (see
+    :mod:`sfpk_jax.core.n_m`).
+
     Example (a two-layer model; a real run prunes a trained one):
 
     >>> import jax, jax.numpy as jnp, numpy as np, sfpk_jax
@@ -148,8 +157,8 @@ def sfpk_prune(
         every process calls ``sfpk_prune`` with the same arguments and
         batches, in ``shard`` mode; see :mod:`sfpk_jax.parallel.sharding`.
       prunable: which leaves to prune: None (conv/dense kernels and dense
-        biases; with channel masks, the model's layers read off ``loss_fn`` on
-        the first batch, keeping the classes; see
+        biases; with channel or N:M masks, the model's layers read off
+        ``loss_fn`` on the first batch; see
         :mod:`sfpk_jax.core.selection`), a regex over '/'-joined paths, a
         callable (path, leaf), or the model's layers
         (:func:`sfpk_jax.core.layers.trace_layers`).
@@ -193,6 +202,19 @@ def sfpk_prune(
         raise TypeError(f"config must be an SFPKConfig, got {type(config).__name__}")
     if not isinstance(execution, Execution):
         raise TypeError(f"execution must be an Execution, got {type(execution).__name__}")
+    pattern = n_m.from_mask_dim(config.mask_dim)
+    if pattern is not None:
+        n_m.check_sparsity(pattern, sparsity)
+
+    def work() -> float | None:  # only asked for where worker processes could pay off
+        nonlocal batches
+        first, batches = first_batch(batches)
+        return None if first is None else auto.estimate_work(
+            loss_fn, params, jax.tree.map(lambda x: x[0], first), config)
+
+    choice = auto.choose(execution, config, work=work)
+    auto.announce(choice)
+    execution = choice.execution
     mode = execution.particle_mode
     if jax.process_count() > 1 and mode != "shard":
         raise ValueError(
@@ -221,9 +243,9 @@ def sfpk_prune(
     layout = MaskLayout.from_params(params, prunable, config.mask_dim)
     theta = layout.gather(params)
     _check_finite(layout, theta)
-    mask_sparsity = channels.mask_sparsity(sparsity, config.mask_dim is not None)
+    mask_sparsity = channels.mask_sparsity(sparsity, channels.is_channel(config.mask_dim))
     target = 1.0 - mask_sparsity
-    if config.mask_dim is not None:
+    if channels.is_channel(config.mask_dim):
         if total_params is None:
             total_params = sum(int(np.size(x)) for x in jax.tree_util.tree_leaves(params))
         target = channels.simulation_density(target, layout.total, total_params)
@@ -256,7 +278,7 @@ def sfpk_prune(
                 stepper = process_stepper(loss_fn, layout, config, target, pool, execution)
             else:
                 stepper = make_stepper(loss_fn, layout, config, target, execution)
-            state = _simulate(stepper, params, state, batches, config, execution.progress, target,
+            state = _simulate(stepper, params, state, batches, config, execution, target,
                               trace, checkpoints, desc)
     except WorkerError as err:
         kept = (f"the last checkpoint in {checkpoints.directory} is kept: run again with the same "
@@ -272,19 +294,36 @@ def sfpk_prune(
         # Through the host, so that the (small) result is not committed to the
         # mesh and combines with arrays placed anywhere, like the other modes'.
         state, theta = jax.tree.map(jnp.asarray, sharding.to_host((state, theta)))
-    remove = topk.remove_counts(layout.mask_sizes, mask_sparsity, config.scope)
-    final = [
-        jnp.where(channels.abs_weight(t, s.shape) != 0, s, 0.0)
-        for s, t in zip(state.scores, theta)
-    ]
-    masks = topk.topk_mask(final, remove, config.scope, key)
+    if layout.n_m is None:
+        remove = topk.remove_counts(layout.mask_sizes, mask_sparsity, config.scope)
+        masks = _final_masks(state.scores, theta, jnp.asarray(remove, jnp.int32), config.scope, key)
+    else:
+        masks = _final_n_m_masks(layout, state.scores, theta, key)
     return SFPKResult(
         masks=layout.scatter(masks),
         scores=layout.scatter(state.scores),
         particles=layout.scatter(state.particles),
         trace={f: np.stack(v) if v else np.zeros((0, config.particles), np.float32)
                for f, v in trace.items()},
+        execution=execution,
     )
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _final_masks(scores: list, theta: list, remove: jax.Array, scope: str,
+                 key: jax.Array | None) -> list:
+    """The final 0/1 masks: the highest votes, never a weight that is already 0."""
+    final = [jnp.where(channels.abs_weight(t, s.shape) != 0, s, 0.0)
+             for s, t in zip(scores, theta)]
+    return topk.topk_mask(final, remove, scope, key)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _final_n_m_masks(layout: MaskLayout, scores: list, theta: list,
+                     key: jax.Array | None) -> list:
+    """The final N:M masks: every group's N highest votes among its live weights (a live
+    weight voted 0 included, so that every group keeps N)."""
+    return topk.n_m_masks(layout, scores, [t != 0 for t in theta], key)
 
 
 def _bar_enabled(progress: bool) -> bool:
@@ -298,7 +337,7 @@ def _bar_enabled(progress: bool) -> bool:
 
 
 def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKConfig,
-              progress: bool, target: float, trace: dict[str, list], checkpoints,
+              execution: Execution, target: float, trace: dict[str, list], checkpoints,
               desc: str | None) -> SFPKState:
     """Runs the steps from ``state.step`` on, appending to ``trace``; returns the last state.
 
@@ -316,10 +355,10 @@ def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKC
         desc = "SFPK" + (f" {checkpoints.directory.name}" if checkpoints is not None else "")
     batch_iter = _batch_stream(batches, first)
     bar = None
-    if _bar_enabled(progress):
+    if _bar_enabled(execution.progress):
         from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
 
-        bar = tqdm(initial=first, total=config.steps, desc=desc)
+        bar = tqdm(initial=first, total=config.steps, desc=f"{desc} [{auto.summary(execution)}]")
     try:
         for t in range(first, config.steps):
             try:

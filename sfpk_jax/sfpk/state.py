@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from sfpk_jax.core import functional
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.sfpk.config import SFPKConfig
+from sfpk_jax.sfpk.execution import Execution
 
 # The spec's symbols: the functional G, the polarized energy E, the repulsion K, the step dt.
 TRACE_FIELDS = ("G", "E", "K", "dt")
@@ -69,12 +72,15 @@ class SFPKResult(NamedTuple):
       particles: the continuous particles, same structure, leading axis n.
       trace: a dict of numpy arrays of shape (steps run, n), keys
         :data:`TRACE_FIELDS`: ``G``, ``E``, ``K`` and ``dt``.
+      execution: how the simulation ran: the :class:`~sfpk_jax.Execution`
+        given, its ``"auto"`` fields resolved (see :mod:`sfpk_jax.sfpk.auto`).
     """
 
     masks: Any
     scores: Any
     particles: Any
     trace: dict
+    execution: Execution | None = None
 
 
 def initial_state(
@@ -93,22 +99,38 @@ def initial_state(
       mask's scope is local (each layer's step sizes start from it).
     """
     n = config.particles
-    # float32, or float64 under jax_enable_x64 (for exact comparisons).
-    dtype = jax.dtypes.canonicalize_dtype(jnp.float64)
     if init is None:
-        particles = [jnp.ones((n,) + s, dtype) for s in layout.mask_shapes]
-        scores = [jnp.zeros(s, dtype) for s in layout.mask_shapes]
-    else:
-        # Copies: the step donates its state, and the caller's result must survive.
-        particles = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.particles)]
-        scores = [jnp.array(x, dtype, copy=True) for x in layout.gather(init.scores)]
-        for path, shape, p in zip(layout.paths, layout.mask_shapes, particles):
-            if p.shape != (n,) + shape:
-                raise ValueError(
-                    f"init particles for {path} have shape {p.shape}, expected {(n,) + shape}: "
-                    "resume with the same params tree and number of particles"
-                )
+        return _dense_state(layout, config)
+    particles, scores = layout.gather(init.particles), layout.gather(init.scores)
+    for path, shape, p in zip(layout.paths, layout.mask_shapes, particles):
+        if np.shape(p) != (n,) + shape:
+            raise ValueError(
+                f"init particles for {path} have shape {np.shape(p)}, expected {(n,) + shape}: "
+                "resume with the same params tree and number of particles"
+            )
+    return _state(layout, config, particles, scores)
+
+
+def _dtype():
+    # float32, or float64 under jax_enable_x64 (for exact comparisons).
+    return jax.dtypes.canonicalize_dtype(jnp.float64)
+
+
+# One compiled program each (not one small one per operation): start-up time.
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _state(layout: MaskLayout, config: SFPKConfig, particles: list, scores: list) -> SFPKState:
+    # New buffers (jit copies what it returns): the step donates its state, and an
+    # ``init`` result of the caller's must survive.
+    particles = [jnp.array(x, _dtype(), copy=True) for x in particles]
+    scores = [jnp.array(x, _dtype(), copy=True) for x in scores]
     g = jax.vmap(
         lambda *m: functional.g(list(m), config.sparsity_fn, config.scope, layout.node_sizes)
     )(*particles)
     return SFPKState(particles, scores, jnp.int32(0), jnp.mean(g, axis=0))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _dense_state(layout: MaskLayout, config: SFPKConfig) -> SFPKState:
+    particles = [jnp.ones((config.particles,) + s, _dtype()) for s in layout.mask_shapes]
+    scores = [jnp.zeros(s, _dtype()) for s in layout.mask_shapes]
+    return _state(layout, config, particles, scores)

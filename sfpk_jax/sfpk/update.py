@@ -76,7 +76,7 @@ def sfpk_update(
         list(mi), config.sparsity_fn, dynamics, node))(*m)
     k, k_grad = repulsion_lib.repulsion(
         m, theta, mode=config.repulsion_mode, weighted=config.repulsion_weighted,
-        structured=config.mask_dim is not None)
+        structured=channels.is_channel(config.mask_dim))
     e = [-de - config.repulsion * dk for de, dk in zip(energy_grad, k_grad)]
     delta = jax.vmap(lambda gi, ei: direction_lib.direction(gi, ei, config.radius, dynamics))(g, e)
     # The adaptive schedules re-plan from the dynamics' G: with global dynamics

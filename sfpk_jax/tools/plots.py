@@ -44,7 +44,8 @@ def accuracy_vs_sparsity(records: Sequence[Mapping], path: str, dense_acc: float
     Args:
       records: dicts with ``pruner``, ``sparsity``, ``acc_pruned`` and
         ``acc_retrained``; with ``acc_pruned_std`` / ``acc_retrained_std``
-        (means over seeds) the spread is drawn as error bars.
+        (means over seeds) the spread is drawn as error bars; an ``n_m``
+        (say ``"2:4"``) is written under its sparsity's tick.
       path: where to save the PNG.
       dense_acc: the dense model's accuracy, drawn as a shaded band from it to
         :data:`DENSE_BAND` below, behind the points (a line there would hide
@@ -68,8 +69,10 @@ def accuracy_vs_sparsity(records: Sequence[Mapping], path: str, dense_acc: float
             ax.errorbar(x, [r[key] for r in rows], yerr=spread, fmt=style, color=f"C{i}",
                         alpha=1.0 if key == "acc_retrained" else 0.6, capsize=3, zorder=3,
                         label=f"{pruner}, {what}")
-    sparsities = sorted({100 * r["sparsity"] for r in records})
-    ax.set_xticks(sparsities, [f"{s:g}%" for s in sparsities])
+    patterns = {100 * r["sparsity"]: r.get("n_m") for r in records}
+    sparsities = sorted(patterns)
+    ax.set_xticks(sparsities, [f"{s:g}%" + (f"\n({patterns[s]})" if patterns[s] else "")
+                               for s in sparsities])
     ax.set_xlabel("sparsity (share of prunable weights removed)")
     ax.set_ylabel("test accuracy (top-1)")
     ax.set_title(title or "accuracy vs sparsity", fontsize=10)

@@ -1,4 +1,4 @@
-"""``Execution(particle_mode="auto", conv_chunk="auto")``: the fastest execution for this machine and run.
+"""``Execution(particle_mode="auto", conv_chunk="auto")``: the fastest execution here.
 
 What ``auto`` resolves to (each measured on the machines named in
 ``benchmarks/RESULTS.md``):
@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 
+from sfpk_jax.parallel.conv_chunks import MIN_BYTES
 from sfpk_jax.parallel.worker_pool import local_cores
 from sfpk_jax.sfpk.config import SFPKConfig
 from sfpk_jax.sfpk.execution import Execution
@@ -83,7 +84,8 @@ def estimate_work(loss_fn: Callable, params: Any, batch: Any, config: SFPKConfig
 
 
 def conv_chunk(backend: str | None = None) -> int:
-    """``conv_chunk="auto"`` on ``backend`` (default: JAX's): :data:`CPU_CONV_CHUNK` on a CPU, else 0."""
+    """``conv_chunk="auto"`` on ``backend`` (default: JAX's): :data:`CPU_CONV_CHUNK` on a
+    CPU, else 0."""
     return CPU_CONV_CHUNK if (backend or jax.default_backend()) == "cpu" else 0
 
 
@@ -141,8 +143,8 @@ def choose(execution: Execution, config: SFPKConfig, *,
     if execution.conv_chunk == "auto":
         changes["conv_chunk"] = conv_chunk(backend)
         if changes["conv_chunk"]:
-            reasons.append(f"on a CPU, convolutions over more than 4 MiB in chunks of "
-                           f"{CPU_CONV_CHUNK} examples, which fit in its caches")
+            reasons.append(f"on a CPU, convolutions over more than {MIN_BYTES / 2**20:g} MiB "
+                           f"in chunks of {CPU_CONV_CHUNK} examples, which fit in its caches")
     if not changes:
         return Choice(execution, "")
     return Choice(execution.replace(**changes), "; ".join(reasons))

@@ -18,6 +18,7 @@ from sfpk_jax.data import (
 )
 from sfpk_jax.data.augment import cifar_transforms
 from sfpk_jax.data.pipeline import batches as batch_dataset
+from sfpk_jax.runtime.cores import max_workers
 
 N, B = 40, 8
 
@@ -154,6 +155,11 @@ def test_invalid_arguments(source):
         Loader(source, B, transform=None, seed=0, prefetch=-1)
     with pytest.raises(ValueError, match="workers"):
         Loader(source, B, transform=None, seed=0, workers=-1)
+    # Bounded as the particle workers are: a typo of 1000 must not start 1000 processes.
+    with pytest.raises(ValueError, match=rf"workers must be in \[0, {max_workers()}\]"):
+        Loader(source, B, transform=None, seed=0, workers=max_workers() + 1)
+    with pytest.raises(ValueError, match="workers must be in"):
+        particle_loader(source, 2, B, transform=None, seed=0, workers=max_workers() + 1)
     with pytest.raises(ValueError, match="particles"):
         particle_loader(source, 0, B, transform=None, seed=0)
 

@@ -7,7 +7,7 @@ import pytest
 
 from sfpk_jax import ConfigError, Execution
 from sfpk_jax.parallel import sharding
-from sfpk_jax.parallel.worker_pool import local_cores, max_workers
+from sfpk_jax.runtime.cores import local_cores, max_workers
 
 INVALID = [
     ("particle_mode", "pmap"), ("particle_mode", None), ("compute_dtype", "float16"),
@@ -33,8 +33,9 @@ def test_workers_must_be_a_positive_int(workers):
 def test_workers_are_bounded_by_four_per_core():
     assert max_workers() == 4 * len(local_cores())
     assert Execution(particle_mode="processes", workers=max_workers()).workers == max_workers()
-    with pytest.raises(ConfigError, match=r"in \[1, \d+\] \(4 worker processes per core"):
-        Execution(particle_mode="processes", workers=max_workers() + 1)
+    for mode in ("processes", "loop"):  # the bound is said whatever the mode
+        with pytest.raises(ConfigError, match=r"in \[1, \d+\] \(4 worker processes per core"):
+            Execution(particle_mode=mode, workers=max_workers() + 1)
 
 
 def test_workers_and_mesh_belong_to_their_mode():

@@ -38,7 +38,7 @@ from experiments.harness import compile_cache, datafp, edge, flag_checks, outdir
 from sfpk_jax import apply_masks
 from sfpk_jax.data import load
 from sfpk_jax.models import build
-from sfpk_jax.parallel.worker_pool import max_workers
+from sfpk_jax.runtime.cores import max_workers
 from sfpk_jax.storage import checkpoint_files as checkpoints
 
 DIGITS = ["--dataset", "digits", "--model", "small_cnn", "--no-progress"]

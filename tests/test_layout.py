@@ -26,16 +26,17 @@ ROOT = Path(__file__).resolve().parents[1] / PACKAGE
 MAX_LINES = 420
 
 RANKS = {
-    "interop": 0,
-    "core": 0,
-    "storage": 0,
-    "models": 0,
-    "data": 0,
-    "parallel": 1,
-    "sfpk": 2,
-    "pruners": 3,
-    "train": 3,
-    "tools": 4,
+    "runtime": 0,
+    "interop": 1,
+    "core": 1,
+    "storage": 1,
+    "models": 1,
+    "data": 1,
+    "parallel": 2,
+    "sfpk": 3,
+    "pruners": 4,
+    "train": 4,
+    "tools": 5,
 }
 # The application's packages, beside the library.
 APPLICATION = ("experiments", "benchmarks")
@@ -189,16 +190,16 @@ def test_checker_sees_every_import_form(tmp_path, source, module_path, expected)
 
 
 def test_checker_flags_a_sideways_import(tmp_path):
-    # Two rank-0 packages may not import each other; the message names both ranks.
+    # Two rank-1 packages may not import each other; the message names both ranks.
     root = tmp_path / PACKAGE
     (root / "core").mkdir(parents=True)
     (root / "core" / "bad.py").write_text('"""Doc."""\nfrom sfpk_jax.data import load\n')
     (root / "__init__.py").write_text('"""API."""\nfrom sfpk_jax.tools import runs\n')
-    assert layering_violations(root) == ["sfpk_jax.core.bad: imports data (rank 0 -> rank 0)"]
+    assert layering_violations(root) == ["sfpk_jax.core.bad: imports data (rank 1 -> rank 1)"]
 
 
 def test_checker_ranks_the_public_api_as_what_it_imports(tmp_path):
-    # The API imports pruners (rank 3): tools (4) may import it, train (3) may not.
+    # The API imports pruners (rank 4): tools (5) may import it, train (4) may not.
     root = tmp_path / PACKAGE
     for sub in ("pruners", "train", "tools"):
         (root / sub).mkdir(parents=True)
@@ -206,7 +207,7 @@ def test_checker_ranks_the_public_api_as_what_it_imports(tmp_path):
     (root / "__init__.py").write_text('"""API."""\nfrom sfpk_jax.pruners import prune\n')
     for sub in ("train", "tools"):
         (root / sub / "user.py").write_text('"""Doc."""\nfrom sfpk_jax import prune\n')
-    assert layering_violations(root) == [f"sfpk_jax.train.user: imports {API} (rank 3 -> rank 3)"]
+    assert layering_violations(root) == [f"sfpk_jax.train.user: imports {API} (rank 4 -> rank 4)"]
 
 
 def test_docs_named_in_the_source_exist():

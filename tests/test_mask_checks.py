@@ -9,6 +9,7 @@ the params lack, and trees that lack the params' leaves.
 
 from __future__ import annotations
 
+import json
 import re
 
 import jax
@@ -111,9 +112,13 @@ def test_masks_inside_jit_pass_as_they_were_checked_outside():
 # load_masked: what the file holds is checked as it enters -------------------------------------
 
 
-def _write(path, tensors: dict) -> None:
+def _write(path, tensors: dict, masked: list[str] | None = None) -> None:
+    """A file as save_masked writes one; its listing of masks defaults to those it holds."""
+    if masked is None:
+        masked = [k.removeprefix("masks/") for k in tensors if k.startswith("masks/")]
+    metadata = {"format": FORMAT, "masked": json.dumps(masked)}
     path.write_bytes(safetensors.numpy.save({k: np.asarray(v) for k, v in tensors.items()},
-                                            metadata={"format": FORMAT}))
+                                            metadata=metadata))
 
 
 def _tensors(params, masks):
@@ -143,6 +148,24 @@ def test_load_masked_checks_the_masks_and_params_it_reads(tmp_path, change, expe
     path = tmp_path / "pruned.safetensors"
     _write(path, tensors)
     with pytest.raises(ValueError, match=re.escape(expected)):
+        sfpk_jax.load_masked(path, PARAMS)
+
+
+def test_load_masked_refuses_a_file_whose_masks_differ_from_its_listing(tmp_path):
+    # Without the listing, a deleted mask would load as an unpruned (dense) leaf.
+    tensors = _tensors(sfpk_jax.apply_masks(PARAMS, _good()), _good())
+    listed = [k.removeprefix("masks/") for k in tensors if k.startswith("masks/")]
+    path = tmp_path / "pruned.safetensors"
+    lost = {k: v for k, v in tensors.items() if k != "masks/" + listed[0]}
+    _write(path, lost, masked=listed)
+    with pytest.raises(ValueError, match=re.escape(f"(missing: ['{listed[0]}']")):
+        sfpk_jax.load_masked(path, PARAMS)
+    _write(path, tensors, masked=listed[1:])
+    with pytest.raises(ValueError, match=re.escape(f"not listed: ['{listed[0]}']")):
+        sfpk_jax.load_masked(path, PARAMS)
+    path.write_bytes(safetensors.numpy.save({k: np.asarray(v) for k, v in tensors.items()},
+                                            metadata={"format": FORMAT}))
+    with pytest.raises(ValueError, match="does not list its masks"):
         sfpk_jax.load_masked(path, PARAMS)
 
 

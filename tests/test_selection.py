@@ -8,8 +8,10 @@ Flax Linen's ResNet example write them (``tests/framework_models.py``):
 * a removed output channel is removed whole: its bias follows its kernel, so
   its pre-activation is exactly 0;
 * only Conv and Dense/Linear layouts take channel masks; a DenseGeneral kernel
-  is refused naming it, and a weight of rank >= 3 is not guessed from its name;
-* the default rule never selects an embedding table, in any framework;
+  or a kernel stacked under a scan is refused naming it, and a weight of rank
+  >= 3 is not guessed from its name;
+* the default rule never selects an embedding table, in any framework, even
+  one tied to the classifier;
 * the report flags pruned weights that grew back (training without
   keep_masked).
 """
@@ -182,6 +184,146 @@ def test_embeddings_are_never_selected(framework):
     by_layers = MaskLayout.from_params(params, trace_layers(loss_fn, params, ids)).paths
     assert not [p for p in by_name + by_layers if "embed" in p], (by_name, by_layers)
     assert len(by_name) == 2 and set(by_name) == set(by_layers)  # the linear weight and bias
+
+
+class _LinenTied(nn.Module):
+    """A classifier that reuses its embedding table (``Embed.attend``), as language models do."""
+
+    @nn.compact
+    def __call__(self, ids):
+        embed = nn.Embed(20, 8)
+        return embed.attend(nn.Dense(8)(nn.relu(nn.Dense(8)(embed(ids)))))
+
+
+class _NNXTied(nnx.Module):
+    def __init__(self, rngs):
+        self.embed = nnx.Embed(20, 8, rngs=rngs)
+        self.hidden, self.out = nnx.Linear(8, 8, rngs=rngs), nnx.Linear(8, 8, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.embed.attend(self.out(nnx.relu(self.hidden(self.embed(ids)))))
+
+
+class _EqxTied(eqx.Module):
+    embed: eqx.nn.Embedding
+    hidden: eqx.nn.Linear
+    out: eqx.nn.Linear
+
+    def __init__(self, key):
+        k1, k2, k3 = jax.random.split(key, 3)
+        self.embed = eqx.nn.Embedding(20, 8, key=k1)
+        self.hidden, self.out = eqx.nn.Linear(8, 8, key=k2), eqx.nn.Linear(8, 8, key=k3)
+
+    def __call__(self, ids):
+        h = jax.vmap(lambda i: self.out(jax.nn.relu(self.hidden(self.embed(i)))))(ids)
+        return h @ self.embed.weight.T
+
+
+@pytest.mark.parametrize("framework", BUILD)
+@pytest.mark.parametrize("mask_dim", [None, "out", "in", "2:4"])
+def test_a_table_tied_to_the_classifier_is_still_never_selected(framework, mask_dim):
+    # The tied table is also a dense layer's kernel in the loss; by its layers alone it
+    # would be pruned (and under "in", its (1, 8) mask would remove embedding features).
+    ids = jnp.arange(6) % 20
+    if framework == "linen":
+        module = _LinenTied()
+        params = module.init(jax.random.key(0), ids)["params"]
+        loss_fn = lambda p, b: module.apply({"params": p}, b).sum()
+    else:
+        split = (sfpk_jax.split_nnx(_NNXTied(nnx.Rngs(0))) if framework == "nnx"
+                 else sfpk_jax.split_equinox(_EqxTied(jax.random.key(0))))
+        params, loss_fn = split.params, lambda p, b: split.merge(p)(b).sum()
+    layers = trace_layers(loss_fn, params, ids)
+    paths = MaskLayout.from_params(params, layers, mask_dim=mask_dim).paths
+    assert paths and not [p for p in paths if "embed" in p], paths
+    # Restricting the layers to it is the way to prune it anyway.
+    restricted = MaskLayout.from_params(params, layers.restrict("embed"), mask_dim=None).paths
+    assert [p for p in restricted if "embed" in p]
+
+
+def _scanned_model():
+    """Between a first and a last dense layer, three of one stacked (3, 16, 16) kernel,
+    run by a scan."""
+    keys = jax.random.split(jax.random.key(0), 3)
+    params = {"first": {"kernel": jax.random.normal(keys[0], (8, 16)) / 4},
+              "stack": {"kernel": jax.random.normal(keys[1], (3, 16, 16)) / 4},
+              "head": {"kernel": jax.random.normal(keys[2], (16, 10)) / 4}}
+
+    def loss_fn(p, batch):
+        def layer(h, kernel):
+            return jax.nn.relu(h @ kernel), None
+
+        h = jax.nn.relu(batch["x"] @ p["first"]["kernel"])
+        h, _ = jax.lax.scan(layer, h, p["stack"]["kernel"])
+        return (h @ p["head"]["kernel"]).sum()
+
+    return params, loss_fn, {"x": jnp.ones((4, 8))}
+
+
+@pytest.mark.parametrize("mask_dim", ["out", "in", "2:4"])
+def test_a_kernel_stacked_under_a_scan_is_refused_not_guessed(mask_dim):
+    # Its axis 0 counts layers: an "out" mask of (1, 16, 1) would mask inputs, an "in"
+    # mask of (3, 1, 1) whole layers, with no error.
+    params, loss_fn, batch = _scanned_model()
+    assert not trace_layers(loss_fn, params, batch).uses["stack/kernel"].known
+    with pytest.raises(ValueError, match=r"stack/kernel \(shape \(3, 16, 16\)\) is the kernel "
+                                         r"of a dense layer.*under a scan"):
+        sfpk_jax.prune("magnitude", loss_fn, params, iter([jax.tree.map(lambda x: x[None], batch)]),
+                       0.5, scope="local", mask_dim=mask_dim)
+    # Unstructured masks need no axes: the stack is pruned as any weight.
+    assert "stack/kernel" in MaskLayout.from_params(params).paths
+
+
+class _Middle(nn.Module):
+    """A DenseGeneral between two dense layers: not the input layer, so not kept."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = nn.DenseGeneral((2, 4))(nn.relu(nn.Dense(8)(x)))
+        return nn.Dense(3)(h.reshape(h.shape[0], -1))
+
+
+@pytest.mark.parametrize("mask_dim", ["out", "in"])
+def test_a_kernel_of_unknown_layout_is_refused_under_either_channel_axis(mask_dim):
+    module, x = _Middle(), jnp.ones((4, 6))
+    params = module.init(jax.random.key(0), x)["params"]
+    loss_fn = lambda p, batch: module.apply({"params": p}, batch["x"]).sum()
+    with pytest.raises(ValueError, match=r"DenseGeneral_0/kernel \(shape \(8, 2, 4\)\)"):
+        sfpk_jax.prune("magnitude", loss_fn, params, iter([{"x": x[None]}]), 0.5,
+                       scope="local", mask_dim=mask_dim)
+
+
+class _LinenMNIST(nn.Module):
+    """The CNN of Flax Linen's MNIST example: convolutions with biases."""
+
+    @nn.compact
+    def __call__(self, x, features=False):
+        x = nn.relu(nn.Conv(features=32, kernel_size=(3, 3))(x))
+        if features:
+            return x
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = nn.relu(nn.Conv(features=64, kernel_size=(3, 3))(x))
+        x = nn.avg_pool(x, window_shape=(2, 2), strides=(2, 2))
+        x = nn.relu(nn.Dense(features=256)(x.reshape((x.shape[0], -1))))
+        return nn.Dense(features=10)(x)
+
+
+def test_a_linen_conv_bias_follows_its_kernel():
+    module, x = _LinenMNIST(), _one()["image"]
+    params = module.init(jax.random.key(0), x)["params"]
+
+    def loss_fn(p, batch):
+        logits = module.apply({"params": p}, batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    masks = sfpk_jax.prune("magnitude", loss_fn, params, _batches(1), 0.5, scope="local",
+                           mask_dim="out").masks
+    kernel, bias = _named(masks)["Conv_0/kernel"], _named(masks)["Conv_0/bias"]
+    np.testing.assert_array_equal(np.ravel(bias), np.ravel(kernel))
+    masked = sfpk_jax.apply_masks(params, masks)
+    out = np.asarray(module.apply({"params": masked}, x, features=True))
+    dead = np.ravel(np.asarray(kernel)) == 0
+    assert dead.any() and np.all(out[..., dead] == 0.0)
 
 
 def test_the_report_flags_pruned_weights_that_grew_back():

@@ -29,7 +29,7 @@ from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import DATASETS
 from sfpk_jax.models import build, registered
 from sfpk_jax.models.registry import default_input_shape
-from sfpk_jax.parallel.worker_pool import max_workers
+from sfpk_jax.runtime.cores import max_workers
 from sfpk_jax.sfpk import auto
 
 # What --smoke sets the common size flags to when they are not given; scripts

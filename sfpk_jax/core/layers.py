@@ -19,7 +19,8 @@ dimension numbers. This works alike for Flax Linen, Flax NNX and Equinox
   other layer (the classifier); its *input layers* are those that read the
   batch through no other layer (the first convolution).
 * A weight used as anything else (an embedding table read by ``gather``, an
-  attention kernel with several output axes) has no known channel axes.
+  attention kernel with several output axes, the stacked kernels of layers
+  run by a ``scan``) has no known channel axes.
 """
 
 from __future__ import annotations
@@ -143,6 +144,11 @@ class _Reader:
                 return [layer]
         inner = _call_jaxpr(eqn)
         if inner is not None:
+            # A parameter the call slices (a scan over stacked layers' kernels) enters with
+            # fewer axes than the leaf has: its channel axes are not known.
+            ins = [v._replace(param=(v.param[0], None))
+                   if v.param is not None and len(outer.aval.shape) != len(var.aval.shape)
+                   else v for v, outer, var in zip(ins, eqn.invars, inner.invars)]
             return self.read(inner, ins)
         merged = _merge(ins)
         views = [v for v in ins if v.param is not None]

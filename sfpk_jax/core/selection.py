@@ -15,8 +15,10 @@ its inputs; those come from the model's :class:`~sfpk_jax.core.layers.Layers`
   channels are no multiple of M), unless the user restricts the layers
   (``layers.restrict(...)``);
 * only convolution and dense kernels with one input and one output axis take
-  channel or N:M masks; any other kernel (``DenseGeneral``, attention) is
-  refused, naming it;
+  channel or N:M masks; any other kernel (``DenseGeneral``, attention, the
+  stacked kernels of layers run by a ``scan``) is refused, naming it;
+* an embedding table is never selected, even one tied to the classifier
+  (``Embed.attend``), unless the user restricts the layers to it;
 * under ``"out"`` a layer's bias follows its kernel's channel mask (it is
   *tied*), so a removed channel is removed whole;
 * under N:M only kernels are pruned: a leaf without an input axis (a bias, a
@@ -85,9 +87,15 @@ def _owner(params: Any, keypath) -> Any:
     return obj
 
 
-def _is_embedding(owner: Any) -> bool:
-    """An Equinox ``Embedding`` names its table ``weight``, like a layer; Flax names it
-    ``embedding`` (no layer's name)."""
+def _is_embedding(path: str, owner: Any) -> bool:
+    """An embedding table: Flax (Linen ``Embed``, NNX ``Embed``) names it ``embedding``; an
+    Equinox ``Embedding`` names it ``weight``, like a layer, so its owner tells.
+
+    A table tied to the classifier (``Embed.attend``) is also a dense layer's
+    kernel in the loss; it is still not pruned by default.
+    """
+    if path.rpartition("/")[2] == "embedding":
+        return True
     eqx = sys.modules.get("equinox")
     return eqx is not None and isinstance(owner, eqx.nn.Embedding)
 
@@ -97,27 +105,28 @@ def _by_name(paths: Sequence[str], leaves: Sequence[Any], owners: Sequence[Any])
     weight_rank = {}
     for p, leaf, owner in zip(paths, leaves, owners):
         parent, _, name = p.rpartition("/")
-        if name in _WEIGHT_NAMES and not _is_embedding(owner):
+        if name in _WEIGHT_NAMES and not _is_embedding(p, owner):
             weight_rank[parent] = np.ndim(leaf)
     selected = []
     for p, leaf, owner in zip(paths, leaves, owners):
         parent, _, name = p.rpartition("/")
         if name in _WEIGHT_NAMES:
-            selected.append(np.ndim(leaf) >= 2 and not _is_embedding(owner))
+            selected.append(np.ndim(leaf) >= 2 and not _is_embedding(p, owner))
         else:
             selected.append(name == "bias" and weight_rank.get(parent) == 2)
     return selected
 
 
-def _by_layers(paths, leaves, layers: Layers, mask_dim) -> list:
+def _by_layers(paths, leaves, owners, layers: Layers, mask_dim) -> list:
     """Per leaf: False, True or axes, from the model's layers (see the module doc)."""
     dense = {p.rpartition("/")[0] for p, use in layers.uses.items() if use.op == "dense"}
+    default = layers.where is None
     kept = ((layers.outputs if mask_dim == "out" else () if mask_dim is None else layers.inputs)
-            if layers.where is None else ())
+            if default else ())
     out = []
-    for p, leaf in zip(paths, leaves):
+    for p, leaf, owner in zip(paths, leaves, owners):
         use = layers.uses.get(p)
-        if not layers.selects(p, leaf) or p in kept:
+        if not layers.selects(p, leaf) or p in kept or (default and _is_embedding(p, owner)):
             out.append(False)
         elif use is None:
             # A dense layer's bias is prunable on its own only in unstructured masks.
@@ -129,8 +138,8 @@ def _by_layers(paths, leaves, layers: Layers, mask_dim) -> list:
             raise ValueError(
                 f"{p} (shape {tuple(np.shape(leaf))}) is the kernel of a {use.op} layer whose "
                 "channel axes are not one output and one input axis (a DenseGeneral, attention "
-                f"or einsum kernel): mask_dim={mask_dim!r} applies only to Conv and Dense/Linear "
-                "kernels. "
+                "or einsum kernel, or layers stacked under a scan): "
+                f"mask_dim={mask_dim!r} applies only to Conv and Dense/Linear kernels. "
                 "Give its axes with prunable=a callable returning (out_axis, in_axis) for it, "
                 "or leave it out with prunable=layers.restrict(<regex without it>)")
         else:
@@ -143,8 +152,9 @@ def _decisions(params, prunable: Prunable, mask_dim) -> tuple[list, list, list]:
     flat = jax.tree_util.tree_flatten_with_path(params)[0]
     paths = [path_to_str(p) for p, _ in flat]
     leaves = [leaf for _, leaf in flat]
+    owners = [_owner(params, p) for p, _ in flat]
     if isinstance(prunable, Layers):
-        return paths, leaves, _by_layers(paths, leaves, prunable, mask_dim)
+        return paths, leaves, _by_layers(paths, leaves, owners, prunable, mask_dim)
     if prunable is None:
         if mask_dim is not None:
             raise ValueError(
@@ -152,7 +162,6 @@ def _decisions(params, prunable: Prunable, mask_dim) -> tuple[list, list, list]:
                 "axes and the layers to keep: sfpk_prune and prune read them off loss_fn and "
                 "the first batch; here pass prunable=sfpk_jax.core.layers.trace_layers(loss_fn, "
                 "params, batch)")
-        owners = [_owner(params, p) for p, _ in flat]
         return paths, leaves, _by_name(paths, leaves, owners)
     if isinstance(prunable, str):
         pattern = re.compile(prunable)

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 import numpy as np
 
 from sfpk_jax.data.augment import ExampleRandom, Transform
+from sfpk_jax.runtime.cores import max_workers
 
 if TYPE_CHECKING:
     import grain
@@ -212,8 +213,9 @@ def steps_per_epoch(num_examples: int, batch_size: int, drop_last: bool = True) 
 
 
 def _check_counts(workers: int, prefetch: int) -> None:
-    if workers < 0:
-        raise ValueError(f"workers must be non-negative, got {workers}")
+    if not 0 <= workers <= max_workers():
+        raise ValueError(f"workers must be in [0, {max_workers()}] (4 processes per core at "
+                         f"most), got {workers}")
     if prefetch < 0:
         raise ValueError(f"prefetch must be non-negative, got {prefetch}")
 
@@ -233,7 +235,8 @@ def iterate(dataset: grain.MapDataset, *, workers: int = 0, prefetch: int = 2) -
       ``set_state`` on a fresh iterator of the same dataset continues there.
 
     Raises:
-      ValueError: negative ``workers`` or ``prefetch``.
+      ValueError: ``workers`` negative or above ``max_workers()`` (4 per core), or
+        ``prefetch`` negative.
     """
     import grain
     from absl import flags

@@ -23,12 +23,11 @@ from typing import Any
 import jax
 
 from sfpk_jax.parallel import compile_cache
+from sfpk_jax.runtime.cores import local_cores, max_workers
 
 SCRIPT = Path(__file__).with_name("worker_main.py")
 # One thread per worker: the worker is the unit of parallelism.
 WORKER_XLA_FLAG = "--xla_cpu_multi_thread_eigen=false"
-# The bound on a pool's size, per core (see max_workers).
-WORKERS_PER_CORE = 4
 
 
 class WorkerError(RuntimeError):
@@ -46,23 +45,6 @@ class WorkerError(RuntimeError):
                  code: int | None = None, directory=None):
         super().__init__(message)
         self.worker, self.pid, self.code, self.directory = worker, pid, code, directory
-
-
-def local_cores() -> list[int]:
-    """The cores this process may run on."""
-    if hasattr(os, "sched_getaffinity"):
-        return sorted(os.sched_getaffinity(0))
-    return list(range(os.cpu_count() or 1))
-
-
-def max_workers() -> int:
-    """The most worker processes a pool may start: 4 per core this process may use.
-
-    Each worker is a whole JAX runtime (a few hundred MB); beyond one per
-    core they only time-share the cores, and beyond a few per core they
-    only exhaust the machine.
-    """
-    return WORKERS_PER_CORE * len(local_cores())
 
 
 def _worker_env() -> dict:

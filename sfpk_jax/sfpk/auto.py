@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 import jax
 
 from sfpk_jax.parallel.conv_chunks import MIN_BYTES
-from sfpk_jax.parallel.worker_pool import local_cores
+from sfpk_jax.runtime.cores import local_cores
 from sfpk_jax.sfpk.config import SFPKConfig
 from sfpk_jax.sfpk.execution import Execution
 

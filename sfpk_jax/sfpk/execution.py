@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 import jax
 
-from sfpk_jax.parallel.worker_pool import max_workers
+from sfpk_jax.runtime.cores import max_workers
 from sfpk_jax.sfpk import fields
 from sfpk_jax.sfpk.fields import ConfigError, field
 
@@ -40,7 +40,7 @@ class Execution:
         ``processes`` (split over local single-threaded worker processes,
         CPU only; see :mod:`sfpk_jax.sfpk.particle_workers`).
       workers: worker processes of ``processes`` mode; None: one per core.
-        At most :func:`~sfpk_jax.parallel.worker_pool.max_workers` (4 per
+        At most :func:`~sfpk_jax.runtime.cores.max_workers` (4 per
         core): each is a whole JAX runtime, and more only time-share the cores.
       particle_chunk: particles per chunk in ``map`` mode (bounds memory).
       mesh: the devices of ``shard`` mode (a
@@ -77,12 +77,13 @@ class Execution:
         if self.conv_chunk != "auto":
             fields.check_int(self, "conv_chunk", low=0, why=" (0: whole batches) or 'auto'")
         if self.workers is not None:
+            # The bound first: a count that is wrong anyway is not sent to change modes.
+            fields.check_int(self, "workers", high=max_workers(),
+                             why=" (4 worker processes per core at most)")
             if self.particle_mode != "processes":
                 raise ConfigError("Execution", "workers", self.workers,
                                   "None unless particle_mode='processes' (it counts that mode's "
                                   "worker processes; auto chooses them itself)")
-            fields.check_int(self, "workers", high=max_workers(),
-                             why=" (4 worker processes per core at most)")
         if self.mesh is not None:
             if not isinstance(self.mesh, jax.sharding.Mesh):
                 raise ConfigError("Execution", "mesh", self.mesh, "None or a jax.sharding.Mesh")

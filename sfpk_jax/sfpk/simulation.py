@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -23,7 +22,9 @@ from sfpk_jax.core import channels, n_m, topk
 from sfpk_jax.core.layers import first_batch, layers_from_batches
 from sfpk_jax.core.masks import MaskLayout, Prunable, path_to_str
 from sfpk_jax.parallel import sharding
-from sfpk_jax.parallel.worker_pool import WorkerError, WorkerPool, local_cores
+from sfpk_jax.parallel.worker_pool import WorkerError, WorkerPool
+from sfpk_jax.runtime import progress
+from sfpk_jax.runtime.cores import local_cores
 from sfpk_jax.sfpk import auto
 from sfpk_jax.sfpk.config import SFPKConfig, spode
 from sfpk_jax.sfpk.execution import Execution
@@ -326,16 +327,6 @@ def _final_n_m_masks(layout: MaskLayout, scores: list, theta: list,
     return topk.n_m_masks(layout, scores, [t != 0 for t in theta], key)
 
 
-def _bar_enabled(progress: bool) -> bool:
-    """A bar only where it can redraw itself: a terminal or a notebook (tqdm writes to stderr).
-
-    Elsewhere (a log file, a batch job) its carriage-return updates would
-    pile up as lines, so the log lines take its place.
-    """
-    notebook = type(sys.stderr).__module__.startswith("ipykernel")
-    return progress and (notebook or sys.stderr.isatty())
-
-
 def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKConfig,
               execution: Execution, target: float, trace: dict[str, list], checkpoints,
               desc: str | None) -> SFPKState:
@@ -355,10 +346,9 @@ def _simulate(stepper: Stepper, params, state: SFPKState, batches, config: SFPKC
         desc = "SFPK" + (f" {checkpoints.directory.name}" if checkpoints is not None else "")
     batch_iter = _batch_stream(batches, first)
     bar = None
-    if _bar_enabled(execution.progress):
-        from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
-
-        bar = tqdm(initial=first, total=config.steps, desc=f"{desc} [{auto.summary(execution)}]")
+    if progress.shown(execution.progress):
+        bar = progress.bar(True, initial=first, total=config.steps,
+                           desc=f"{desc} [{auto.summary(execution)}]")
     try:
         for t in range(first, config.steps):
             try:

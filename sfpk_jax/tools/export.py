@@ -1,7 +1,8 @@
 """Exporting a pruned model: masked parameters and their masks in one safetensors file.
 
 Tensors are named by the parameters' '/'-joined paths: ``params/<path>``
-holds the masked parameter, ``masks/<path>`` its mask (pruned leaves only).
+holds the masked parameter, ``masks/<path>`` its mask (pruned leaves only);
+the metadata lists the masked paths, so a mask lost from the file is noticed.
 :func:`load_masked` reads them back into a params tree of the same model
 (Linen ``params``, an NNX ``nnx.State``, or an Equinox model's array part).
 The file is written atomically and never over an existing one unless asked.
@@ -9,6 +10,7 @@ The file is written atomically and never over an existing one unless asked.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -72,10 +74,13 @@ def save_masked(path: str | os.PathLike, params: PyTree, masks: PyTree, *,
                              "non-finite weights is not exported")
         tensors[PARAMS + name] = np.ascontiguousarray(array)
     treedef = jax.tree_util.tree_structure(params)
+    masked = []
     for (name, _), mask in zip(_named_leaves(params), treedef.flatten_up_to(masks)):
         if mask is not None:
             tensors[MASKS + name] = np.ascontiguousarray(np.asarray(mask))
-    files.write_bytes(path, safetensors.numpy.save(tensors, metadata={"format": FORMAT}))
+            masked.append(name)
+    metadata = {"format": FORMAT, "masked": json.dumps(masked)}
+    files.write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
 
 
 def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
@@ -92,9 +97,10 @@ def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
 
     Raises:
       FileNotFoundError: no file at ``path``.
-      ValueError: not such a file; a parameter is missing, extra, of another
-        shape or dtype, or holds NaN or Inf; a mask is for a parameter the
-        model lacks, does not fit its parameter, or is not 0/1 (each named).
+      ValueError: not such a file; a mask it lists is missing, or one is not
+        listed; a parameter is missing, extra, of another shape or dtype, or
+        holds NaN or Inf; a mask is for a parameter the model lacks, does not
+        fit its parameter, or is not 0/1 (each named).
     """
     import safetensors
 
@@ -110,6 +116,16 @@ def load_masked(path: str | os.PathLike, like: PyTree) -> tuple[PyTree, PyTree]:
     if metadata.get("format") != FORMAT:
         raise ValueError(f"{path} was not written by sfpk_jax.tools.export.save_masked "
                          f"(metadata {metadata}); load plain weights with safetensors instead")
+    try:
+        listed = set(json.loads(metadata["masked"]))
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"{path} does not list its masks in its metadata: the file is "
+                         "damaged, or was not written by this version of save_masked") from None
+    present = {k.removeprefix(MASKS) for k in tensors if k.startswith(MASKS)}
+    if listed != present:
+        lost, unlisted = sorted(listed - present), sorted(present - listed)
+        raise ValueError(f"{path} is damaged: its masks do not match its listing (missing: "
+                         f"{lost[:5]}, not listed: {unlisted[:5]}); export the model again")
     named = _named_leaves(like)
     expected = {PARAMS + name for name, _ in named}
     extra = sorted(k for k in tensors if k.startswith(PARAMS) and k not in expected)

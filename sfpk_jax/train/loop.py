@@ -3,25 +3,30 @@
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.experimental import multihost_utils
-from tqdm.std import tqdm  # not tqdm.auto: in a notebook without ipywidgets it warns
 
 from sfpk_jax.core.mask_checks import named_masks
 from sfpk_jax.core.masks import apply_masks
 from sfpk_jax.data.arrays import batch_iterator
-from sfpk_jax.models import ApplyFn
 from sfpk_jax.parallel import sharding as sharding_lib
+from sfpk_jax.runtime import progress as progress_lib
 from sfpk_jax.train.losses import cross_entropy
 from sfpk_jax.train.masked import keep_masked
 
+if TYPE_CHECKING:  # the model registry loads only when a model is built
+    from sfpk_jax.models import ApplyFn
+
 PyTree = Any
+
+_LOG = logging.getLogger("sfpk_jax.train")
 
 
 # Bit i of a training step's fault code: which part of the state was NaN or Inf.
@@ -176,7 +181,7 @@ def train_epoch(
         pruned entries get no gradient and stay exactly 0.
       label_smoothing: label smoothing of the cross-entropy, in [0, 1).
       epoch: epoch number, for the error message and the bar.
-      progress: show a tqdm bar over the steps.
+      progress: show a tqdm bar over the steps (on a terminal or in a notebook).
       desc: label of the bar.
       mesh: optional device mesh (``sfpk_jax.parallel.sharding.particle_mesh()``) for
         data-parallel training: each batch is split over all its devices and
@@ -205,14 +210,15 @@ def train_epoch(
         masks = None if masks is None else sharding_lib.replicate(masks, mesh)
     losses, faults = [], []
     # Losses stay on device until the epoch ends, so steps are not synchronised.
-    for batch in tqdm(batches, desc=f"{desc} {epoch}", disable=not progress, leave=False):
-        if mesh is not None:
-            batch = sharding_lib.shard_batch(batch, mesh)
-        variables, opt_state, loss, fault = _train_step(
-            apply_fn, optimizer, label_smoothing, variables, opt_state, batch, masks
-        )
-        losses.append(loss)
-        faults.append(fault)
+    with progress_lib.bar(progress, iterable=batches, desc=f"{desc} {epoch}", leave=False) as bar:
+        for batch in bar:
+            if mesh is not None:
+                batch = sharding_lib.shard_batch(batch, mesh)
+            variables, opt_state, loss, fault = _train_step(
+                apply_fn, optimizer, label_smoothing, variables, opt_state, batch, masks
+            )
+            losses.append(loss)
+            faults.append(fault)
     if not losses:
         raise ValueError(f"epoch {epoch} had no batches: the data is smaller than one batch")
     epoch_losses = np.asarray(jnp.stack(losses))
@@ -249,7 +255,8 @@ def train(
         leaves); parameters and gradients are masked at every step.
       seed: seed of the per-epoch shuffles.
       label_smoothing: label smoothing of the cross-entropy, in [0, 1).
-      progress: show a tqdm bar over epochs.
+      progress: show a tqdm bar over epochs on a terminal or in a notebook;
+        elsewhere (a log file) log one line per epoch (logger ``sfpk_jax.train``).
       desc: label of the progress bar.
 
     Returns:
@@ -265,14 +272,19 @@ def train(
         variables = {**variables, "params": apply_masks(variables["params"], masks)}
     opt_state = optimizer.init(variables["params"])
     history = []
-    bar = tqdm(range(1, epochs + 1), desc=desc, disable=not progress)
-    for epoch in bar:
-        variables, opt_state, loss = train_epoch(
-            apply_fn, variables, opt_state, batch_iterator(x, y, batch_size, seed=(seed, epoch)),
-            optimizer=optimizer, masks=masks, label_smoothing=label_smoothing, epoch=epoch,
-        )
-        history.append({"epoch": epoch, "loss": loss})
-        bar.set_postfix(loss=f"{loss:.4f}")
+    drawn = progress_lib.shown(progress)
+    with progress_lib.bar(progress, total=epochs, desc=desc) as bar:
+        for epoch in range(1, epochs + 1):
+            batches = batch_iterator(x, y, batch_size, seed=(seed, epoch))
+            variables, opt_state, loss = train_epoch(
+                apply_fn, variables, opt_state, batches, optimizer=optimizer, masks=masks,
+                label_smoothing=label_smoothing, epoch=epoch,
+            )
+            history.append({"epoch": epoch, "loss": loss})
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+            bar.update(1)
+            if progress and not drawn:
+                _LOG.info("%s: epoch %d/%d, mean loss %.4f", desc, epoch, epochs, loss)
     return variables, history
 
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from sfpk_jax.core.layers import Layers, trace_layers
-from sfpk_jax.models import ApplyFn
 from sfpk_jax.sfpk.energy import StatefulLoss
+
+if TYPE_CHECKING:  # the model registry loads only when a model is built
+    from sfpk_jax.models import ApplyFn
 
 PyTree = Any
 

@@ -1,0 +1,1 @@
+"""Where the library runs: the cores it may use, and progress bars fit for the output."""

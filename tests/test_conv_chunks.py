@@ -38,7 +38,8 @@ def test_value_and_both_gradients_match_the_plain_conv(batch, chunk, convs):
     (v1, (gx1, gw1)), (v2, (gx2, gw2)) = (jax.jit(jax.value_and_grad(f, (0, 1)))(x, w)
                                           for f in (_loss, chunked))
     np.testing.assert_allclose(v2, v1, rtol=1e-6)
-    np.testing.assert_allclose(gx2, gx1, rtol=1e-5, atol=1e-6)
+    # float32 sums in another order (values up to ~5); exactness is the float64 test's
+    np.testing.assert_allclose(gx2, gx1, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(gw2, gw1, rtol=1e-5, atol=1e-5)
 
 

@@ -201,7 +201,9 @@ def test_a_dead_worker_is_one_line_and_resume_under_loop_finishes(tmp_path):
     """A SFPK worker killed mid-run: one line naming it and saying --resume continues, exit 1,
     no traceback; the run then resumes under another execution (loop), which is announced."""
     out = tmp_path / "run"
-    flags = ["--smoke", "--no-progress", "--steps", "400", "--checkpoint-every", "1",
+    # Enough steps to kill a worker mid-run (they are checkpointed one by one), few enough
+    # for the resume under loop to finish them quickly.
+    flags = ["--smoke", "--no-progress", "--steps", "60", "--checkpoint-every", "1",
              "--out", str(out)]
     sim = out / "checkpoints" / "sfpk-sfpk-0.95-seed0-0"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}

@@ -104,7 +104,7 @@ def test_import_loads_no_heavy_dependency():
 def test_each_dependency_loads_with_its_feature():
     # The check above would pass if nothing ever loaded them; they do, on use.
     loaded = _modules_after("import jax, sfpk_jax\nfrom sfpk_jax import models\n"
-                            "models.build('small_cnn')\nfrom sfpk_jax.data import load_digits\n"
+                            "models.registered()\nfrom sfpk_jax.data import load_digits\n"
                             "load_digits()")
     assert "sklearn" in loaded and set(ZOO) <= loaded
     assert "grain" not in loaded  # in-memory digits need no pipeline

@@ -23,8 +23,7 @@ import jax
 
 import sfpk_jax
 from experiments import harness
-from experiments.harness import environment, flag_checks, flags, progress, rundir
-from sfpk_jax.core import n_m
+from experiments.harness import environment, flag_checks, flags, n_m_flags, progress, rundir
 from sfpk_jax.data import batch_iterator, load_digits, particle_batches
 from sfpk_jax.models import build
 from sfpk_jax.storage import files
@@ -99,23 +98,8 @@ def parse_args(argv):
     ])
     harness.check_config(args)
     args.sparsities = harness.csv_items(args.sparsities, float)
-    args.patterns = [None] * len(args.sparsities)
-    if args.n_m is not None:
-        _n_m_sparsities(args, given)
+    n_m_flags.patterns(args, given)
     return args
-
-
-def _n_m_sparsities(args, given: set[str]) -> None:
-    """``--n-m``'s patterns take the place of ``--sparsities`` (1 - N/M each)."""
-    if "sparsities" in given:
-        harness.fail(f"--n-m={args.n_m} and --sparsities={','.join(map(str, args.sparsities))} "
-                     "contradict each other: an N:M pattern sets its sparsity, give one of them")
-    try:
-        patterns = [n_m.parse(text, "--n-m") for text in args.n_m.split(",")]
-    except ValueError as err:
-        harness.fail(str(err))
-    args.patterns = [str(pattern) for pattern in patterns]
-    args.sparsities = [pattern.sparsity for pattern in patterns]
 
 
 def _label(sparsity: float, pattern: str | None) -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import sfpk_jax
 from experiments import cifar100_oneshot, harness, imagenet_iterative, pretrain
 from experiments.harness import rundir
 from sfpk_jax.storage import checkpoint_files as checkpoints
@@ -104,6 +105,19 @@ def test_iterative_carries_particles_across_rounds(tmp_path):
     assert first["sparsity"] == pytest.approx(1 - 0.1 ** 0.5)
     assert last["sparsity"] == pytest.approx(0.9)
     assert results["achieved_sparsity"] == pytest.approx(0.9, abs=1e-3)
+
+
+def test_iterative_to_2_4_prunes_its_first_round_unstructured_and_its_last_to_the_pattern(
+        tmp_path):
+    # The first round's sparsity has no N:M pattern: it prunes the kernels the pattern groups
+    # unstructured; the last keeps 2 of each group's surviving 4.
+    out = tmp_path / "nm"
+    assert imagenet_iterative.main(["--n-m", "2:4", "--out", str(out), *FAST]) == 0
+    results = _results(out)
+    assert [r["sparsity"] for r in results["rounds"]] == pytest.approx([1 - 0.5 ** 0.5, 0.5])
+    assert results["achieved_sparsity"] >= 0.5
+    final = checkpoints.restore(out / "checkpoints" / "final")
+    assert sfpk_jax.is_n_m(final["masks"], "2:4", final["variables"]["params"]) == ()
 
 
 def test_iterative_accumulates_gradients(tmp_path):

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import jax
 
-from experiments.harness import compile_cache
+from experiments.harness import compile_cache, n_m_flags
 from experiments.harness.distributed import launch, main_first
 from experiments.harness.flags import (
     execution,
@@ -24,7 +24,7 @@ from experiments.harness.flags import (
 )
 from experiments.harness.outdir import check_out_state, inputs_kept
 from sfpk_jax import ConfigError, Execution, SFPKConfig, pruners
-from sfpk_jax.core import channels, n_m
+from sfpk_jax.core import channels
 from sfpk_jax.core.masks import MaskLayout
 from sfpk_jax.data import DATASETS
 from sfpk_jax.models import build, registered
@@ -270,26 +270,6 @@ def check_config(args: argparse.Namespace) -> None:
         require([Check(field_flag(cls, err.field), err.value, False, err.expected)])
 
 
-def n_m_checks(args: argparse.Namespace, given: set[str]) -> None:
-    """``--n-m N:M`` sets ``--mask-dim N:M`` and ``--sparsity 1 - N/M``; a contradiction stops.
-
-    The resolved flags are what config.json records and a resume compares.
-    """
-    if args.n_m is None:
-        return
-    try:
-        pattern = n_m.parse(args.n_m, "--n-m")
-    except ValueError as err:
-        fail(str(err))
-    if args.mask_dim not in (None, str(pattern)):
-        fail(f"--n-m={args.n_m} and --mask-dim={args.mask_dim} contradict each other: --n-m "
-             "sets the mask kind, give one of them")
-    if "sparsity" in given and abs(args.sparsity - pattern.sparsity) > 1e-4:
-        fail(f"--n-m={args.n_m} keeps {pattern.n} of every {pattern.m} weights, a sparsity of "
-             f"{pattern.sparsity:g}, not --sparsity={args.sparsity:g}: leave --sparsity out")
-    args.mask_dim, args.sparsity = str(pattern), pattern.sparsity
-
-
 def finish_args(parser: argparse.ArgumentParser, argv,
                 checks: Iterable[Callable[[argparse.Namespace], list[Check]]] = (), *,
                 smoke: dict | None = None, needs_dense: bool = False,
@@ -317,8 +297,8 @@ def finish_args(parser: argparse.ArgumentParser, argv,
     args = parser.parse_args(argv)
     # Before anything asks JAX for its devices (the checks below do).
     launch(args)
+    given = given_flags(parser, argv)
     if args.smoke:
-        given = given_flags(parser, argv)
         apply_smoke(args, given, {**SMOKE, **(smoke or {})})
         if "dataset" not in given and "data_dir" not in given:
             args.dataset = SMOKE_DATASET
@@ -328,7 +308,7 @@ def finish_args(parser: argparse.ArgumentParser, argv,
             # The dense model is trained here (1 epoch) unless a file gives it.
             other = args.dense_checkpoint or (dense_flag and getattr(args, dense_flag))
             args.pretrain_epochs = 0 if other else SMOKE["pretrain_epochs"]
-    n_m_checks(args, given_flags(parser, argv))
+    n_m_flags.resolve(args, given)
     require([*common_checks(args), *(process_checks(args) if needs_dense else []),
              *(c for more in checks for c in more(args)), out_check(args),
              compile_cache_check(args)])

@@ -186,7 +186,7 @@ def execution(args: argparse.Namespace, particles: int | None = None) -> Executi
 
 
 def add_n_m_flag(group, help_more: str = "") -> None:
-    """``--n-m N:M``: N:M masks (resolved by ``flag_checks.n_m_checks``)."""
+    """``--n-m N:M``: N:M masks (resolved by ``n_m_flags.resolve``)."""
     group.add_argument("--n-m", default=None, metavar="N:M",
                        help="keep N of every M consecutive weights along each kernel's input axis "
                             "(2:4 is what NVIDIA's sparse tensor cores run): sets --mask-dim N:M "

@@ -187,7 +187,7 @@ def _mask_kind(args, apply_fn, variables, bundle, sparsity: float):
     """
     layers = prunable(args, apply_fn, variables, bundle.image_shape)
     pattern = n_m.from_mask_dim(args.mask_dim)
-    if pattern is None or abs(sparsity - pattern.sparsity) <= 1e-6:
+    if pattern is None or n_m.has_sparsity(pattern, sparsity):
         return layers, args.mask_dim
     grouped = set(MaskLayout.from_params(variables["params"], layers, args.mask_dim).paths)
     return (lambda path, _: path in grouped), None

@@ -96,13 +96,18 @@ def from_mask_dim(mask_dim: Any) -> NM | None:
     return parse(mask_dim, "mask_dim", others=(None, *channels.MASK_DIMS))
 
 
+def has_sparsity(pattern: NM, sparsity: float) -> bool:
+    """Whether ``sparsity`` is the pattern's 1 - N/M (as far as a written decimal can say)."""
+    return math.isclose(sparsity, pattern.sparsity, rel_tol=0.0, abs_tol=_SPARSITY_TOLERANCE)
+
+
 def check_sparsity(pattern: NM, sparsity: float) -> None:
     """Refuses a ``sparsity`` other than 1 - N/M: an N:M mask removes exactly that.
 
     Raises:
       ValueError: naming the sparsity to pass.
     """
-    if not math.isclose(sparsity, pattern.sparsity, rel_tol=0.0, abs_tol=_SPARSITY_TOLERANCE):
+    if not has_sparsity(pattern, sparsity):
         raise ValueError(f"mask_dim='{pattern}' keeps {pattern.n} of every {pattern.m} weights: "
                          f"pass sparsity={pattern.sparsity!r} (1 - N/M), not {sparsity!r}")
 

@@ -70,7 +70,6 @@ def process_stepper(loss_fn: Callable, layout: MaskLayout, config: SFPKConfig, t
     fn, loss_state = modes.loss_parts(loss_fn)
     program_config = modes.program_config(config)
     # The workers run on the CPU, whatever the parent's backend.
-    # The workers run on the CPU, whatever the parent's backend.
     conv_chunk = (auto.conv_chunk("cpu") if execution.conv_chunk == "auto"
                   else execution.conv_chunk)
     combine = modes.combine_program(layout, program_config)
